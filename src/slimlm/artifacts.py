@@ -1,0 +1,132 @@
+"""Run-directory layout, atomic writes and content digests.
+
+A run directory holds `recipe.yaml` (the resolved recipe), `run.json` (the last run's outcome),
+`00-teacher/manifest.json`, and one numbered folder per stage (`01-prune/`, ...) with the stage's
+artifact and its `manifest.json`. A stage is written into `.partial-NN-name/` and renamed into
+place only when complete, so an interrupted stage never looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+PARTIAL_PREFIX = ".partial-"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def config_digest(obj: Any) -> str:
+    """Digest of a JSON-serialisable object, independent of key order."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_digest(path: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> str:
+    """Digest of every file under `path` (relative names and contents), so any edit or truncation shows."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if rel in exclude:
+            continue
+        h.update(rel.encode() + b"\0" + file_digest(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON next to its destination and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each piece of a run lives on disk."""
+
+    root: Path
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def run_state(self) -> Path:
+        return self.root / "run.json"
+
+    def stage_dir(self, index: int, name: str) -> Path:
+        return self.root / f"{index:02d}-{name}"
+
+    def partial_dir(self, index: int, name: str) -> Path:
+        return self.root / f"{PARTIAL_PREFIX}{index:02d}-{name}"
+
+    def manifest(self, index: int, name: str) -> dict | None:
+        return read_json(self.stage_dir(index, name) / MANIFEST)
+
+    def stage_dirs(self) -> list[Path]:
+        """Finished stage folders in order (teacher first)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name[:2].isdigit())
+
+
+def begin_partial(layout: RunLayout, index: int, name: str) -> Path:
+    """A fresh, empty folder to write a stage into; leftovers of an interrupted attempt are removed."""
+    partial = layout.partial_dir(index, name)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def commit_partial(layout: RunLayout, index: int, name: str) -> Path:
+    """Move a completed stage folder into place, replacing an outdated one."""
+    partial, final = layout.partial_dir(index, name), layout.stage_dir(index, name)
+    if final.exists():
+        # Rename the old folder aside first so that a crash here leaves either the old or the new.
+        stale = final.with_name(f"{PARTIAL_PREFIX}stale-{final.name}")
+        if stale.exists():
+            shutil.rmtree(stale)
+        os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale)
+    else:
+        os.replace(partial, final)
+    return final

@@ -1,0 +1,133 @@
+"""The `slimlm` command: run, plan and status (see `slimlm --help`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from slimlm.errors import SlimlmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune, distill, quantize and export causal LMs from a YAML recipe, with quality gates.")
+
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe value: KEY=VALUE, e.g. stages.prune.target.params=0.5")]
+
+
+def _fail(error: SlimlmError) -> None:
+    from slimlm.progress import console
+
+    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(error.exit_code)
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars replace the libraries' tqdm bars and advisory warnings."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="where to write the run (default runs/<recipe name>)")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Run a recipe; finished stages that have not changed are skipped."""
+    from slimlm.recipe import load_recipe
+
+    try:
+        parsed = load_recipe(recipe, set_ or [])
+        _quiet_libraries()
+        from slimlm.runner import run_recipe
+
+        run_recipe(parsed, run_dir or Path("runs") / parsed.name)
+    except SlimlmError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        from slimlm.progress import console
+
+        console.print("[yellow]interrupted[/]: finished stages are kept; run the same command to resume")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")], set_: SetOption = None) -> None:
+    """Validate a recipe and show what each stage will do and produce, without running anything."""
+    from slimlm.recipe import load_recipe
+
+    try:
+        parsed = load_recipe(recipe, set_ or [])
+    except SlimlmError as e:
+        _fail(e)
+    table = Table(title=f"{parsed.name}: teacher {parsed.model}")
+    for col in ("#", "stage", "kind", "produces", "settings", "gates"):
+        table.add_column(col)
+    table.add_row("00", "teacher", "evaluate", "metrics", ", ".join(sorted(parsed.evaluation.metric_names() | {"params", "size_bytes"})), "")
+    for i, stage in enumerate(parsed.stages, 1):
+        settings = {k: v for k, v in stage.model_dump(mode="json", exclude={"name", "kind", "gates"}).items()}
+        gates = "; ".join(_describe(g) for g in stage.gates)
+        table.add_row(f"{i:02d}", stage.name, stage.kind, stage.produces, _short(settings), gates)
+    from rich.console import Console
+
+    Console().print(table)
+
+
+@app.command()
+def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Show which stages of a run are done, skipped, failed or pending, with their key metrics."""
+    from slimlm.artifacts import RunLayout, read_json
+
+    layout = RunLayout(run_dir)
+    state = read_json(layout.run_state)
+    if state is None:
+        _fail(SlimlmError(f"{run_dir} is not a slimlm run directory (no run.json)"))
+    from slimlm.recipe import load_recipe
+
+    try:
+        names = ["teacher"] + [s.name for s in load_recipe(layout.recipe).stages]
+    except SlimlmError:
+        names = list(state.get("stages", {}))
+    table = Table(title=f"{state['recipe']}: {state['status']} (started {state['started']})")
+    for col in ("#", "stage", "status", "params", "size MB", "perplexity", "gates", "seconds"):
+        table.add_column(col)
+    for i, name in enumerate(names):
+        manifest = layout.manifest(i, name) or {}
+        last = state.get("stages", {}).get(name)
+        shown = last or ("finished earlier" if manifest else "pending")
+        if manifest.get("status") == "gate_failed":
+            shown = "gate failed"
+        elif last == "running":
+            shown = "failed" if state["status"] == "failed" else "running"
+        m = manifest.get("metrics", {})
+        gates = ", ".join(("pass" if v["passed"] else "FAIL") + f" {v['gate']}" for v in manifest.get("gates", []))
+        table.add_row(f"{i:02d}", name, shown, f"{m['params']:,}" if "params" in m else "",
+                      f"{m['size_bytes'] / 1e6:.1f}" if "size_bytes" in m else "",
+                      f"{m['perplexity']:.3f}" if "perplexity" in m else "", gates, str(manifest.get("seconds", "")))
+    from rich.console import Console
+
+    Console().print(table)
+    if state.get("error"):
+        Console().print(f"[red]last error:[/] {state['error']}", highlight=False)
+
+
+def _describe(gate) -> str:
+    from slimlm.evaluate.gates import describe_gate
+
+    return describe_gate(gate)
+
+
+def _short(settings: dict) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in settings.items() if v not in (None, [], {}))
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

@@ -1,0 +1,1 @@
+"""Structured pruning: importance estimation, width and depth selection, budget search, surgery."""

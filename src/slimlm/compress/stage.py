@@ -1,0 +1,176 @@
+"""`kind: prune` — Minitron-style structured pruning of width (heads, MLP, hidden) and depth (layers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from slimlm import arch
+from slimlm.compress.importance import collect_importance, layer_removal_loss
+from slimlm.compress.search import candidate_shapes, kl_to_teacher, lm_loss
+from slimlm.compress.select import DepthMethod, choose_layers, magnitude_scores, random_scores, select_plan
+from slimlm.compress.surgery import Shape, predict_parameters, prune_model
+from slimlm.errors import RecipeError
+from slimlm.progress import status, track
+from slimlm.sources.models import load_model, load_tokenizer, save_model
+from slimlm.stage import StageConfig, StageContext, StageResult, Strict
+
+SIZE_FIELDS = ("hidden", "ffn", "heads", "kv_heads", "layers")
+
+
+class PruneTarget(Strict):
+    """Either a parameter budget (a fraction of the input model, or an absolute count) or explicit sizes."""
+
+    params: float | None = Field(None, gt=0)
+    nonembedding_params: float | None = Field(None, gt=0)
+    hidden: int | None = Field(None, ge=1)
+    ffn: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1)
+    kv_heads: int | None = Field(None, ge=1)
+    layers: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "PruneTarget":
+        budgets = [b for b in (self.params, self.nonembedding_params) if b is not None]
+        sizes = [getattr(self, f) for f in SIZE_FIELDS if getattr(self, f) is not None]
+        if len(budgets) > 1:
+            raise ValueError("give one budget: params or nonembedding_params")
+        if budgets and sizes:
+            raise ValueError("give either a budget (params / nonembedding_params) or explicit sizes, not both")
+        if not budgets and not sizes:
+            raise ValueError("give a budget (params: 0.7) or explicit sizes (hidden, ffn, heads, kv_heads, layers)")
+        return self
+
+
+class WidthOptions(Strict):
+    method: Literal["activation", "magnitude", "random"] = "activation"
+    axes: list[Literal["heads", "mlp", "hidden"]] = ["heads", "mlp", "hidden"]
+    sequence: Literal["mean", "l2"] = "mean"  # how activations are reduced over the sequence...
+    batch: Literal["l2", "mean"] = "l2"  # ...and then over the batch (Minitron's best: mean, then L2)
+
+
+class DepthOptions(Strict):
+    method: DepthMethod = "block_importance"
+
+
+class SearchOptions(Strict):
+    candidates: int = Field(6, ge=1)
+    proxy: Literal["kl", "perplexity"] = "kl"
+    proxy_samples: int = Field(4, ge=1)
+    tolerance: float = Field(0.05, gt=0, lt=1)
+
+
+class PruneConfig(StageConfig):
+    kind: Literal["prune"]
+    calibration: str = "calibration"
+    target: PruneTarget
+    width: WidthOptions = WidthOptions()
+    depth: DepthOptions | None = None  # lets a budget search drop layers; target.layers implies it
+    search: SearchOptions = SearchOptions()
+    round_to: int = Field(32, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+    metrics = frozenset({"importance_seconds", "calibration_tokens"})
+
+    def data_references(self) -> dict[str, str]:
+        return {"calibration": self.calibration}
+
+
+def _field_error(config: PruneConfig, field: str, message: str) -> RecipeError:
+    return RecipeError(f"stage '{config.name}', field '{field}': {message}")
+
+
+def explicit_shape(config: PruneConfig, base: Shape) -> Shape:
+    target = config.target
+    shape = base.replace(**{f: getattr(target, f) for f in SIZE_FIELDS})
+    for field in SIZE_FIELDS:
+        if getattr(shape, field) > getattr(base, field):
+            raise _field_error(config, f"target.{field}", f"{getattr(shape, field)} is larger than the model's {getattr(base, field)}")
+    if shape.heads % shape.kv_heads:
+        raise _field_error(config, "target.heads", f"{shape.heads} query heads do not divide evenly into {shape.kv_heads} key/value groups")
+    if shape.heads // shape.kv_heads > base.heads // base.kv_heads:
+        raise _field_error(config, "target.heads", f"{shape.heads} heads over {shape.kv_heads} groups needs more heads per group "
+                           f"than the model has ({base.heads // base.kv_heads})")
+    return shape
+
+
+def run(config: PruneConfig, context: StageContext) -> StageResult:
+    trust = context.recipe.trust_remote_code
+    model = load_model(context.input_dir, dtype=context.recipe.dtype, device=context.device, trust_remote_code=trust)
+    arch.family_of(model.config)
+    tokenizer = load_tokenizer(context.input_dir, trust_remote_code=trust)
+    base = Shape.of(model.config)
+    budget_kind = "params" if config.target.params is not None else "nonembedding_params"
+    budget_value = config.target.params or config.target.nonembedding_params
+    shape = explicit_shape(config, base) if budget_value is None else None
+
+    blocks = context.data.blocks(config.calibration, tokenizer, bos_per_window=arch.needs_bos_per_window(model.config))
+    depth_method = config.depth.method if config.depth else "block_importance"
+    may_drop_layers = config.depth is not None or (shape is not None and shape.layers < base.layers)
+
+    t0 = time.perf_counter()
+    scores, importance = None, None
+    if config.width.method == "activation" or may_drop_layers:
+        importance = collect_importance(model, blocks, sequence=config.width.sequence, batch=config.width.batch,
+                                        batch_size=config.batch_size, progress=track)
+    if config.width.method == "activation":
+        scores = {"heads": importance.heads, "mlp": importance.mlp, "hidden": importance.hidden}
+    elif config.width.method == "magnitude":
+        scores = magnitude_scores(model)
+    else:
+        scores = random_scores(model.config, context.seed)
+    removal = None
+    if may_drop_layers and depth_method == "perplexity":
+        removal = layer_removal_loss(model, blocks[: config.search.proxy_samples], batch_size=config.batch_size, progress=track)
+    importance_seconds = time.perf_counter() - t0
+
+    def plan_for(s: Shape):
+        kept = choose_layers(base.layers, s.layers, depth_method,
+                             block=importance.block if importance else None,
+                             angular=importance.angular if importance else None, removal_loss=removal)
+        return select_plan(model.config, s, kept, scores["heads"], scores["mlp"], scores["hidden"])
+
+    candidates = []
+    if shape is None:
+        full = predict_parameters(model, base)[budget_kind]
+        budget = round(budget_value * full) if budget_value <= 1 else round(budget_value)
+        if budget > full:
+            raise _field_error(config, f"target.{budget_kind}", f"{budget:,} is more than the model's {full:,} parameters")
+        found = candidate_shapes(base, axes=set(config.width.axes), depth=config.depth is not None, round_to=config.round_to,
+                                 budget=budget, tolerance=config.search.tolerance, limit=config.search.candidates,
+                                 count=lambda s: predict_parameters(model, s)[budget_kind])
+        if not found:
+            raise _field_error(config, f"target.{budget_kind}",
+                               f"no shape with widths in multiples of {config.round_to} fits {budget:,} parameters "
+                               f"(±{config.search.tolerance:.0%}); allow more axes or depth, lower round_to, or change the budget")
+        proxy_blocks = blocks[: config.search.proxy_samples]
+        teacher_logprobs = None
+        if config.search.proxy == "kl" and len(found) > 1:
+            with torch.inference_mode():
+                logits = model(input_ids=proxy_blocks.to(context.device), use_cache=False).logits.float()
+                teacher_logprobs = torch.log_softmax(logits, -1)
+        for s, params in track(found, "candidate shapes") if len(found) > 1 else found:
+            proxy = None
+            if len(found) > 1:
+                student = prune_model(model, plan_for(s), s)
+                proxy = kl_to_teacher(student, teacher_logprobs, proxy_blocks) if teacher_logprobs is not None \
+                    else lm_loss(student, proxy_blocks)
+                del student
+            candidates.append({**dataclasses.asdict(s), budget_kind: params, "proxy": proxy})
+            status(f"candidate {dataclasses.asdict(s)}: {budget_kind}={params:,} proxy={proxy}")
+        best = min(candidates, key=lambda c: c["proxy"] if c["proxy"] is not None else 0.0)
+        shape = Shape(**{f: best[f] for f in SIZE_FIELDS})
+
+    plan = plan_for(shape)
+    pruned = prune_model(model, plan, shape)
+    save_model(pruned, tokenizer, context.output_dir / "model")
+    status(f"pruned to {dataclasses.asdict(shape)}, keeping layers {plan.layers}")
+    return StageResult(artifact="model", metrics={
+        "shape": dataclasses.asdict(shape), "kept_layers": plan.layers, "candidates": candidates,
+        "importance_seconds": round(importance_seconds, 3), "calibration_tokens": int(blocks.numel()),
+        "proxy": config.search.proxy if candidates else None,
+    })

@@ -1,0 +1,165 @@
+"""Structured surgery: which axis of each weight is which dimension, and slicing a model to a smaller shape.
+
+The result is a new model built from a rewritten config (homogeneous: the same head count, MLP
+width and hidden size in every layer; `head_dim` explicit; layers renumbered), so it saves and
+reloads as a standard Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, replace
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from slimlm import arch
+
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes that width and depth pruning change."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    layers: int
+
+    @classmethod
+    def of(cls, config) -> "Shape":
+        return cls(config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                   config.num_key_value_heads, config.num_hidden_layers)
+
+    def replace(self, **changes) -> "Shape":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass
+class KeepPlan:
+    """Indices (in the original model) of everything the pruned model keeps; sorted ascending."""
+
+    layers: list[int]
+    hidden: torch.Tensor
+    ffn: dict[int, torch.Tensor]  # original layer index -> kept MLP channels
+    heads: dict[int, torch.Tensor]  # original layer index -> kept query heads
+    kv_heads: dict[int, torch.Tensor]  # original layer index -> kept key/value heads
+
+
+def weight_axes(name: str) -> dict[int, str]:
+    """Which dimension each axis of a parameter indexes: hidden, ffn, gate_up, q, kv, qkv (or none)."""
+    m = LAYER_KEY.match(name)
+    if m is None:
+        if name == "model.embed_tokens.weight" or name == "lm_head.weight":
+            return {1: "hidden"}
+        if name == "model.norm.weight" or name == "model.norm.bias":
+            return {0: "hidden"}
+        if name == "lm_head.bias":
+            return {}
+        raise KeyError(name)
+    rest = m.group(2)
+    module, _, kind = rest.rpartition(".")
+    is_bias = kind == "bias"
+    table = {
+        "self_attn.q_proj": {0: "q", 1: "hidden"}, "self_attn.k_proj": {0: "kv", 1: "hidden"},
+        "self_attn.v_proj": {0: "kv", 1: "hidden"}, "self_attn.o_proj": {0: "hidden", 1: "q"},
+        "self_attn.qkv_proj": {0: "qkv", 1: "hidden"},
+        "mlp.gate_proj": {0: "ffn", 1: "hidden"}, "mlp.up_proj": {0: "ffn", 1: "hidden"},
+        "mlp.down_proj": {0: "hidden", 1: "ffn"}, "mlp.gate_up_proj": {0: "gate_up", 1: "hidden"},
+        "self_attn.q_norm": {}, "self_attn.k_norm": {},  # per head_dim: untouched by head pruning
+    }
+    if module in table:
+        axes = table[module]
+        return {0: axes[0]} if is_bias and 0 in axes else ({} if is_bias else axes)
+    if module.endswith("layernorm"):
+        return {0: "hidden"}
+    raise KeyError(name)
+
+
+def _expand_heads(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _indices(dim: str, layer: int | None, plan: KeepPlan, config) -> torch.Tensor:
+    hd = arch.head_dim(config)
+    if dim == "hidden":
+        return plan.hidden
+    if dim == "ffn":
+        return plan.ffn[layer]
+    if dim == "gate_up":
+        return torch.cat([plan.ffn[layer], config.intermediate_size + plan.ffn[layer]])
+    if dim == "q":
+        return _expand_heads(plan.heads[layer], hd)
+    if dim == "kv":
+        return _expand_heads(plan.kv_heads[layer], hd)
+    if dim == "qkv":
+        q_rows = config.num_attention_heads * hd
+        kv_rows = config.num_key_value_heads * hd
+        kv = _expand_heads(plan.kv_heads[layer], hd)
+        return torch.cat([_expand_heads(plan.heads[layer], hd), q_rows + kv, q_rows + kv_rows + kv])
+    raise ValueError(dim)
+
+
+def pruned_config(config, shape: Shape, kept_layers: list[int]):
+    new = copy.deepcopy(config)
+    new.hidden_size = shape.hidden
+    new.intermediate_size = shape.ffn
+    new.num_attention_heads = shape.heads
+    new.num_key_value_heads = shape.kv_heads
+    new.head_dim = arch.head_dim(config)  # explicit: hidden/heads no longer gives it
+    new.num_hidden_layers = len(kept_layers)
+    if getattr(config, "layer_types", None) is not None:
+        new.layer_types = [config.layer_types[i] for i in kept_layers]
+    if getattr(config, "max_window_layers", None) is not None:
+        new.max_window_layers = sum(1 for i in kept_layers if i < config.max_window_layers)
+    return new
+
+
+def predict_parameters(model, shape: Shape) -> dict[str, int]:
+    """Exact parameter counts of `model` pruned to `shape`, from the axis rules (no model is built)."""
+    config = model.config
+    hd = arch.head_dim(config)
+    sizes = {"hidden": shape.hidden, "ffn": shape.ffn, "gate_up": 2 * shape.ffn, "q": shape.heads * hd,
+             "kv": shape.kv_heads * hd, "qkv": (shape.heads + 2 * shape.kv_heads) * hd}
+    embedding_ids = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    total = embedding = 0
+    for name, p in model.named_parameters():  # shared (tied) parameters appear once
+        layer = LAYER_KEY.match(name)
+        if layer and layer.group(1) != "0":
+            continue  # layers are homogeneous: count layer 0 once per kept layer
+        dims = list(p.shape)
+        for axis, dim in weight_axes(name).items():
+            dims[axis] = sizes[dim]
+        n = math.prod(dims) * (shape.layers if layer else 1)
+        total += n
+        embedding += n if id(p) in embedding_ids else 0
+    return {"params": total, "nonembedding_params": total - embedding}
+
+
+def prune_model(model, plan: KeepPlan, shape: Shape):
+    """A new model of `shape` holding the kept slices of `model`'s weights."""
+    config = model.config
+    new_config = pruned_config(config, shape, plan.layers)
+    renumber = {old: new for new, old in enumerate(plan.layers)}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        m = LAYER_KEY.match(name)
+        layer = int(m.group(1)) if m else None
+        if layer is not None and layer not in renumber:
+            continue
+        for axis, dim in weight_axes(name).items():
+            tensor = tensor.index_select(axis, _indices(dim, layer, plan, config).to(tensor.device))
+        new_name = f"model.layers.{renumber[layer]}.{m.group(2)}" if m else name
+        state[new_name] = tensor.clone()
+    dtype = next(model.parameters()).dtype
+    pruned = AutoModelForCausalLM.from_config(new_config, dtype=dtype)
+    missing, unexpected = pruned.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(new_config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"pruned state does not fit the pruned model: missing {missing}, unexpected {unexpected}")
+    pruned.generation_config = copy.deepcopy(model.generation_config)
+    return pruned.to(next(model.parameters()).device).eval()

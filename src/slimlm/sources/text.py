@@ -1,0 +1,191 @@
+"""Where text comes from, and how it becomes fixed-length token blocks.
+
+Sources: a local .txt (documents separated by blank lines), .jsonl or .parquet (one document per
+record, `field` names the column), `hf:NAME[:CONFIG]` (a Hugging Face dataset), and
+`builtin:python-docs` (the CPython documentation topics in `pydoc_data`, present in every Python).
+Sources without their own splits get a deterministic train/test split by document hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slimlm.errors import SourceError
+
+if TYPE_CHECKING:
+    import torch
+
+    from slimlm.recipe import DataSpec
+
+BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+
+
+def load_documents(spec: "DataSpec") -> list[str]:
+    """The documents of a data source, restricted to the spec's split."""
+    source = spec.source
+    if source == BUILTIN_PYTHON_DOCS:
+        return split_documents(python_docs(), spec.split, spec.test_fraction)
+    if source.startswith("hf:"):
+        return hf_dataset(source[3:], spec.split, spec.field)
+    if source.startswith("builtin:"):
+        raise SourceError(f"unknown builtin data source {source!r}; available: {BUILTIN_PYTHON_DOCS}")
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise SourceError(f"data file {source} does not exist (relative paths are resolved against the current directory)")
+    if path.suffix == ".txt" or path.suffix == ".raw":
+        docs = [d.strip() for d in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
+    elif path.suffix == ".jsonl":
+        docs = _jsonl_field(path, spec.field)
+    elif path.suffix == ".parquet":
+        docs = _parquet_field(path, spec.field)
+    else:
+        raise SourceError(f"data file {source}: unsupported type {path.suffix!r}; use .txt, .jsonl or .parquet")
+    docs = [d for d in docs if d]
+    if not docs:
+        raise SourceError(f"data file {source} holds no text")
+    return split_documents(docs, spec.split, spec.test_fraction)
+
+
+def split_documents(docs: list[str], split: str, test_fraction: float) -> list[str]:
+    """Deterministic split by a hash of each document, so it is stable across runs and machines."""
+    if split == "all":
+        return docs
+    if split not in ("train", "test"):
+        raise SourceError(f"split {split!r} is only available for hf: datasets; local sources have train, test and all")
+
+    def is_test(doc: str) -> bool:
+        bucket = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "big") / 2**64
+        return bucket < test_fraction
+
+    return [d for d in docs if is_test(d) == (split == "test")]
+
+
+def python_docs() -> list[str]:
+    """The CPython documentation topics, split into paragraph groups of a few hundred words."""
+    from pydoc_data.topics import topics
+
+    docs: list[str] = []
+    for key in sorted(topics):
+        chunk: list[str] = []
+        for para in topics[key].split("\n\n"):
+            chunk.append(para)
+            if sum(len(p.split()) for p in chunk) >= 200:
+                docs.append("\n\n".join(chunk).strip())
+                chunk = []
+        if chunk:
+            docs.append("\n\n".join(chunk).strip())
+    return [d for d in docs if d]
+
+
+def _jsonl_field(path: Path, name: str) -> list[str]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(record, dict) or name not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise SourceError(f"{path}:{lineno}: no field {name!r} (found {keys}); set `field:` in the data spec")
+            docs.append(str(record[name]))
+    return docs
+
+
+def _parquet_field(path: Path, name: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if name not in table.column_names:
+        raise SourceError(f"{path}: no column {name!r} (found {table.column_names}); set `field:` in the data spec")
+    return [str(v) for v in table.column(name).to_pylist() if v]
+
+
+def hf_dataset(name: str, split: str, text_field: str) -> list[str]:
+    """A Hugging Face dataset split: `hf:wikitext:wikitext-2-raw-v1` with split `test`."""
+    import datasets
+
+    path, _, config = name.partition(":")
+    split = "train" if split == "all" else split
+    try:
+        ds = datasets.load_dataset(path, config or None, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for missing/offline data
+        raise SourceError(f"cannot load dataset {name!r} split {split!r}: {type(e).__name__}: {str(e)[:200]}") from e
+    if text_field not in ds.column_names:
+        raise SourceError(f"dataset {name}: no column {text_field!r} (found {ds.column_names}); set `field:`")
+    return [t for t in ds[text_field] if t and t.strip()]
+
+
+def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None) -> list[int]:
+    """Documents tokenized and concatenated with EOS between them, cut at max_tokens."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for doc in docs:
+        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+        if max_tokens is not None and len(stream) >= max_tokens:
+            return stream[:max_tokens]
+    return stream
+
+
+def pack_tokens(stream: list[int], seq_len: int, *, bos_id: int | None = None) -> "torch.Tensor":
+    """Cut a token stream into [n, seq_len] blocks; a trailing partial block is dropped.
+
+    With `bos_id`, each block starts with BOS followed by seq_len-1 stream tokens
+    (Gemma's perplexity collapses without it).
+    """
+    import torch
+
+    body = seq_len - 1 if bos_id is not None else seq_len
+    n = len(stream) // body
+    if n == 0:
+        raise SourceError(f"the data holds {len(stream)} tokens, fewer than one block of {seq_len}; "
+                          "use more text or a smaller seq_len")
+    blocks = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
+    if bos_id is not None:
+        blocks = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), blocks], dim=1)
+    return blocks
+
+
+@dataclass
+class DataStore:
+    """The recipe's named data sources, loaded lazily and cached for the run."""
+
+    specs: dict[str, "DataSpec"]
+    _docs: dict[str, list[str]] = field(default_factory=dict)
+
+    def documents(self, name: str) -> list[str]:
+        if name not in self._docs:
+            if name not in self.specs:
+                raise SourceError(f"no data source named {name!r}; the recipe's data section has {sorted(self.specs)}")
+            self._docs[name] = load_documents(self.specs[name])
+        return self._docs[name]
+
+    def stream(self, name: str, tokenizer, max_tokens: int | None = None) -> "torch.Tensor":
+        import torch
+
+        return torch.tensor(token_stream(self.documents(name), tokenizer, max_tokens), dtype=torch.long)
+
+    def blocks(self, name: str, tokenizer, *, bos_per_window: bool, seq_len: int | None = None,
+               max_tokens: int | None = None) -> "torch.Tensor":
+        """Token blocks of the named source; `samples` in its spec caps their number."""
+        spec = self.specs[name]
+        seq_len = seq_len or spec.seq_len
+        limit = max_tokens or (spec.samples * seq_len if spec.samples else None)
+        bos_id = None
+        if bos_per_window:
+            bos_id = tokenizer.bos_token_id
+            if bos_id is None:
+                raise SourceError("this model family needs a BOS token at each window start, but the tokenizer has none")
+        blocks = pack_tokens(token_stream(self.documents(name), tokenizer, limit), seq_len, bos_id=bos_id)
+        return blocks[: spec.samples] if spec.samples else blocks
+
+    def describe(self, name: str) -> dict[str, Any]:
+        return self.specs[name].model_dump(mode="json")

@@ -1,0 +1,100 @@
+"""The stage contract: a pydantic config class plus one function `run(config, context) -> StageResult`.
+
+Every stage kind (prune, distill, export, ...) subclasses `StageConfig`, declares which artifact
+format it consumes and produces, and the metrics it reports itself; the runner does the rest
+(folders, manifests, evaluation, gates, skipping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from slimlm.recipe import Recipe
+    from slimlm.sources.text import DataStore
+
+# Artifact formats a stage can consume or produce.
+HF = "hf"  # full-precision Hugging Face directory
+HF_QUANTIZED = "hf-quantized"  # bitsandbytes-quantized Hugging Face directory (serve it; do not re-process)
+ONNX = "onnx"
+
+
+class Strict(BaseModel):
+    """Base for every recipe section: an unknown or misspelt key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Gate(Strict):
+    """A quality bound on one metric of a stage's output.
+
+    `min`/`max` are absolute bounds; `min_ratio`/`max_ratio` bound the metric as a multiple of the
+    same metric measured on the teacher or on the previous stage (`relative_to`).
+    """
+
+    metric: str
+    relative_to: Literal["teacher", "previous"] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_ratio: float | None = Field(None, gt=0)
+    max_ratio: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Gate":
+        if all(v is None for v in (self.min, self.max, self.min_ratio, self.max_ratio)):
+            raise ValueError("a gate needs at least one bound: min, max, min_ratio or max_ratio")
+        ratio = self.min_ratio is not None or self.max_ratio is not None
+        if ratio and self.relative_to is None:
+            raise ValueError("min_ratio/max_ratio need relative_to: teacher or previous")
+        if not ratio and self.relative_to is not None:
+            raise ValueError("relative_to only applies to min_ratio/max_ratio; min/max are absolute bounds")
+        return self
+
+
+class StageConfig(Strict):
+    """Fields every stage has. Subclasses add `kind: Literal[...]` and their own options."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    gates: list[Gate] = []
+
+    consumes: ClassVar[frozenset[str]] = frozenset({HF})
+    produces: ClassVar[str] = HF
+    # Metrics the stage itself reports (in addition to the recipe's evaluation metrics).
+    metrics: ClassVar[frozenset[str]] = frozenset()
+
+    def digest_fields(self) -> dict[str, Any]:
+        """What determines the stage's output: everything but the gates (a gate change needs no recompute)."""
+        return self.model_dump(mode="json", exclude={"gates"})
+
+    def data_references(self) -> dict[str, str]:
+        """Fields that name a recipe data source (checked against the recipe's `data:` section)."""
+        return {}
+
+
+@dataclass
+class StageContext:
+    """What the runner hands a stage."""
+
+    recipe: "Recipe"
+    input_dir: Path  # the previous stage's artifact (the teacher for the first stage)
+    teacher_dir: Path
+    output_dir: Path  # an empty folder; write the artifact here
+    data: "DataStore"
+    device: str
+    seed: int
+    previous_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back: where its artifact is (relative to output_dir) and what it measured."""
+
+    artifact: str = "model"
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+StageFn = Callable[[Any, StageContext], StageResult]
