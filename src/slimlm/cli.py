@@ -5,15 +5,24 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from slimlm.errors import SlimlmError
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune, distill, quantize and export causal LMs from a YAML recipe, with quality gates.")
+
+def _stdout() -> "Console":
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)  # wide tables when piped or logged
+
 
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe value: KEY=VALUE, e.g. stages.prune.target.params=0.5")]
 
@@ -72,12 +81,10 @@ def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")], set_: 
         table.add_column(col)
     table.add_row("00", "teacher", "evaluate", "metrics", ", ".join(sorted(parsed.evaluation.metric_names() | {"params", "size_bytes"})), "")
     for i, stage in enumerate(parsed.stages, 1):
-        settings = {k: v for k, v in stage.model_dump(mode="json", exclude={"name", "kind", "gates"}).items()}
+        settings = stage.model_dump(mode="json", exclude={"name", "kind", "gates"}, exclude_none=True, exclude_defaults=True)
         gates = "; ".join(_describe(g) for g in stage.gates)
         table.add_row(f"{i:02d}", stage.name, stage.kind, stage.produces, _short(settings), gates)
-    from rich.console import Console
-
-    Console().print(table)
+    _stdout().print(table)
 
 
 @app.command()
@@ -107,15 +114,15 @@ def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
         elif last == "running":
             shown = "failed" if state["status"] == "failed" else "running"
         m = manifest.get("metrics", {})
-        gates = ", ".join(("pass" if v["passed"] else "FAIL") + f" {v['gate']}" for v in manifest.get("gates", []))
+        verdicts = manifest.get("gates", [])
+        failed = [v["gate"] for v in verdicts if not v["passed"]]
+        gates = ("FAIL: " + "; ".join(failed)) if failed else (f"{len(verdicts)} passed" if verdicts else "")
         table.add_row(f"{i:02d}", name, shown, f"{m['params']:,}" if "params" in m else "",
                       f"{m['size_bytes'] / 1e6:.1f}" if "size_bytes" in m else "",
                       f"{m['perplexity']:.3f}" if "perplexity" in m else "", gates, str(manifest.get("seconds", "")))
-    from rich.console import Console
-
-    Console().print(table)
+    _stdout().print(table)
     if state.get("error"):
-        Console().print(f"[red]last error:[/] {state['error']}", highlight=False)
+        _stdout().print(f"[red]last error:[/] {state['error']}", highlight=False)
 
 
 def _describe(gate) -> str:

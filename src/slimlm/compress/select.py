@@ -30,7 +30,7 @@ def choose_layers(n_layers: int, keep: int, method: DepthMethod, *, block: torch
     if method == "block_importance":  # ShortGPT: drop the layers that change their input least
         return _top(block, keep).tolist()
     if method == "perplexity":  # Minitron: drop the layers whose removal hurts the LM loss least
-        return _top(-removal_loss, keep).tolist()
+        return _top(removal_loss, keep).tolist()
     if method == "contiguous":  # drop the block [l, l+drop) whose input and output are closest
         distances = angular[: n_layers - drop + 1, drop]
         start = int(torch.argmin(distances))
