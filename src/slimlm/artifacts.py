@@ -19,6 +19,7 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 PARTIAL_PREFIX = ".partial-"
+WORK_DIR = ".work"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -96,6 +97,11 @@ class RunLayout:
 
     def partial_dir(self, index: int, name: str) -> Path:
         return self.root / f"{PARTIAL_PREFIX}{index:02d}-{name}"
+
+    def work_dir(self, index: int, name: str, digest: str) -> Path:
+        path = self.root / WORK_DIR / f"{index:02d}-{name}-{digest[:12]}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def manifest(self, index: int, name: str) -> dict | None:
         return read_json(self.stage_dir(index, name) / MANIFEST)

@@ -14,12 +14,11 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from slimlm.compress.stage import PruneConfig
 from slimlm.errors import RecipeError
-from slimlm.quantize.cast import CastConfig
-from slimlm.stage import HF, Gate, StageConfig, Strict
+from slimlm.stage import HF, StageConfig, Strict
+from slimlm.stages import STAGES
 
-STAGE_KINDS: tuple[type[StageConfig], ...] = (PruneConfig, CastConfig)
+STAGE_KINDS: tuple[type[StageConfig], ...] = tuple(config for config, _ in STAGES.values())
 AnyStage = Annotated[Union[STAGE_KINDS], Field(discriminator="kind")]  # noqa: UP007 - needs a runtime Union
 
 # Metrics the runner computes for the teacher and every stage output (others come from the evaluation section).

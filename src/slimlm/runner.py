@@ -7,6 +7,7 @@ files still hash to the recorded output digest; otherwise it and everything afte
 from __future__ import annotations
 
 import platform
+import shutil
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -17,18 +18,15 @@ import torch
 
 from slimlm.artifacts import (MANIFEST, RunLayout, begin_partial, commit_partial, config_digest, dir_digest,
                               write_json_atomic)
-from slimlm.compress import stage as prune_stage
 from slimlm.errors import GateFailed, SlimlmError
 from slimlm.evaluate.gates import check_gate, failure_message
 from slimlm.evaluate.suite import evaluate_artifact, evaluation_digest
 from slimlm.progress import console, status
-from slimlm.quantize import cast as cast_stage
 from slimlm.recipe import Recipe, recipe_to_yaml
 from slimlm.sources.models import resolve_model
 from slimlm.sources.text import DataStore
 from slimlm.stage import StageConfig, StageContext
-
-STAGE_RUNNERS = {"prune": prune_stage.run, "cast": cast_stage.run}
+from slimlm.stages import STAGES
 TEACHER = "teacher"
 LIBRARIES = ("slimlm", "torch", "transformers", "accelerate", "peft", "safetensors", "onnx", "onnxruntime")
 
@@ -151,12 +149,14 @@ def _stage_manifest(recipe, layout, index: int, stage: StageConfig, previous: di
         status("files changed on disk since this stage finished; running it again")
 
     partial = begin_partial(layout, index, stage.name)
+    # Checkpoints survive an interrupted attempt (the partial folder does not) and belong to this exact config and input.
+    work_dir = layout.work_dir(index, stage.name, config_digest([cfg_digest, input_digest]))
     started, t0 = now(), time.perf_counter()
     torch.manual_seed(recipe.seed)
     context = StageContext(recipe=recipe, input_dir=Path(previous["artifact_path"]), teacher_dir=teacher_dir,
-                           output_dir=partial, data=data, device=device, seed=recipe.seed,
+                           output_dir=partial, work_dir=work_dir, data=data, device=device, seed=recipe.seed,
                            previous_metrics=previous["metrics"])
-    result = STAGE_RUNNERS[stage.kind](stage, context)
+    result = STAGES[stage.kind][1](stage, context)
     seconds = round(time.perf_counter() - t0, 2)
     metrics = {**result.metrics, **evaluate_artifact(partial / result.artifact, recipe, data, device)}
     manifest = {
@@ -168,6 +168,7 @@ def _stage_manifest(recipe, layout, index: int, stage: StageConfig, previous: di
     }
     write_json_atomic(partial / MANIFEST, manifest)
     commit_partial(layout, index, stage.name)
+    shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoints are no longer needed once the stage is committed
     return {**manifest, "_reused": False}
 
 

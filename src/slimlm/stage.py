@@ -83,6 +83,7 @@ class StageContext:
     input_dir: Path  # the previous stage's artifact (the teacher for the first stage)
     teacher_dir: Path
     output_dir: Path  # an empty folder; write the artifact here
+    work_dir: Path  # checkpoints; kept across interrupted attempts of this exact config and input
     data: "DataStore"
     device: str
     seed: int

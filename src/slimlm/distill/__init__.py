@@ -1,0 +1,1 @@
+"""Distillation: teacher -> student losses, the training loop on accelerate, and the distill stage."""

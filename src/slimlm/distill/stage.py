@@ -1,0 +1,180 @@
+"""`kind: distill` — train the previous stage's model (the student) to match the teacher.
+
+Full fine-tuning, or LoRA through peft (merged into the weights at the end, so the output is a
+plain HF directory). Logit losses (forward/reverse KL, JSD), optional cross-entropy, optional
+hidden-state loss with learned projections when widths differ.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from pydantic import Field, model_validator
+
+from slimlm import arch
+from slimlm.distill.losses import LOGIT_LOSSES, hidden_state_loss, layer_mapping, top_k_teacher
+from slimlm.distill.train import TrainPlan, train
+from slimlm.errors import RecipeError, SourceError
+from slimlm.progress import status, track
+from slimlm.sources.models import load_model, load_tokenizer, save_model
+from slimlm.stage import StageConfig, StageContext, StageResult, Strict
+
+
+class LossOptions(Strict):
+    logits: Literal["forward_kl", "reverse_kl", "jsd", "none"] = "forward_kl"
+    temperature: float = Field(1.0, gt=0)
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    top_k: int | None = Field(None, ge=1, description="compare on the teacher's top-k tokens only")
+    ce_weight: float = Field(0.0, ge=0, description="weight of cross-entropy on the data's next tokens")
+    hidden: Literal["cosine", "mse"] | None = None
+    hidden_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "LossOptions":
+        if self.logits == "none" and self.ce_weight == 0 and self.hidden is None:
+            raise ValueError("the loss is empty: set logits, ce_weight or hidden")
+        return self
+
+
+class LoraOptions(Strict):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class DistillConfig(StageConfig):
+    kind: Literal["distill"]
+    data: str = "train"
+    method: Literal["full", "lora"] = "lora"
+    lora: LoraOptions = LoraOptions()
+    loss: LossOptions = LossOptions()
+    tokens: int | None = Field(None, ge=1, description="token budget (global); or give steps")
+    steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints; 0 disables them")
+
+    metrics = frozenset({"train_loss", "train_tokens", "tokens_per_second"})
+
+    @model_validator(mode="after")
+    def _budget(self) -> "DistillConfig":
+        if (self.tokens is None) == (self.steps is None):
+            raise ValueError("give exactly one budget: tokens or steps")
+        return self
+
+    def data_references(self) -> dict[str, str]:
+        return {"data": self.data}
+
+
+def _field_error(config: DistillConfig, field: str, message: str) -> RecipeError:
+    return RecipeError(f"stage '{config.name}', field '{field}': {message}")
+
+
+class Student(torch.nn.Module):
+    """The student plus the projections that map its hidden states to the teacher's width."""
+
+    def __init__(self, model, projections: torch.nn.ModuleList | None):
+        super().__init__()
+        self.model, self.projections = model, projections
+
+
+def check_tokenizers(student_tok, teacher_tok) -> None:
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise SourceError("the student's and the teacher's tokenizers differ, so their logits cannot be compared; "
+                          "distill only into a model derived from the teacher (or one with the same tokenizer)")
+
+
+def run(config: DistillConfig, context: StageContext) -> StageResult:
+    recipe, trust = context.recipe, context.recipe.trust_remote_code
+    tokenizer = load_tokenizer(context.input_dir, trust_remote_code=trust)
+    check_tokenizers(tokenizer, load_tokenizer(context.teacher_dir, trust_remote_code=trust))
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=context.device == "cpu")
+    student = load_model(context.input_dir, dtype="float32", device="cpu", trust_remote_code=trust)
+    teacher = load_model(context.teacher_dir, dtype=config.teacher_dtype or recipe.dtype, device=str(accelerator.device),
+                         trust_remote_code=trust)
+    teacher.requires_grad_(False)
+    vocab = min(student.config.vocab_size, teacher.config.vocab_size)  # vocabularies may differ by padding only
+
+    blocks = context.data.blocks(config.data, tokenizer, bos_per_window=arch.needs_bos_per_window(student.config))
+    world = accelerator.num_processes
+    tokens_per_step = config.batch_size * world * config.grad_accum * blocks.shape[1]
+    if config.tokens is not None and config.tokens < tokens_per_step:
+        raise _field_error(config, "tokens", f"{config.tokens:,} tokens is less than one optimizer step "
+                           f"({tokens_per_step:,} = batch_size x processes x grad_accum x seq_len)")
+    steps = config.steps or config.tokens // tokens_per_step
+
+    if config.method == "lora":
+        student = _with_lora(student, config)
+    projections = None
+    mapping = layer_mapping(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    if config.loss.hidden:
+        s_width, t_width = student.config.hidden_size, teacher.config.hidden_size
+        projections = torch.nn.ModuleList(
+            [torch.nn.Identity() if s_width == t_width else torch.nn.Linear(s_width, t_width, bias=False) for _ in mapping])
+    module = Student(student, projections)
+    loss = config.loss
+
+    def loss_fn(m: Student, ids: torch.Tensor) -> torch.Tensor:
+        want_hidden = loss.hidden is not None
+        with torch.no_grad():
+            t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
+        s_out = m.model(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
+        s_logits, t_logits = s_out.logits[..., :vocab], t_out.logits[..., :vocab]
+        total = torch.zeros((), device=ids.device)
+        if loss.logits != "none":
+            s_flat, t_flat = s_logits.reshape(-1, vocab), t_logits.reshape(-1, vocab)
+            if loss.top_k:
+                s_flat, t_flat = top_k_teacher(s_flat, t_flat, loss.top_k)
+            fn = LOGIT_LOSSES[loss.logits]
+            kwargs = {"beta": loss.jsd_beta} if loss.logits == "jsd" else {}
+            total = total + fn(s_flat, t_flat, loss.temperature, **kwargs)
+        if loss.ce_weight:
+            total = total + loss.ce_weight * torch.nn.functional.cross_entropy(
+                s_logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1))
+        if want_hidden:
+            pairs = [(m.projections[k](s_out.hidden_states[i + 1]), t_out.hidden_states[j + 1])
+                     for k, (i, j) in enumerate(mapping)]
+            total = total + loss.hidden_weight * sum(hidden_state_loss(s, t, loss.hidden) for s, t in pairs) / len(pairs)
+        return total
+
+    plan = TrainPlan(steps=steps, batch_size=config.batch_size, grad_accum=config.grad_accum, lr=config.lr,
+                     schedule=config.schedule, warmup_fraction=config.warmup, max_grad_norm=config.max_grad_norm,
+                     checkpoint_every=config.checkpoint_every, seed=context.seed)
+    status(f"{steps} optimizer steps of {tokens_per_step:,} tokens ({config.method}); checkpoints in {context.work_dir}")
+    log = train(module, loss_fn, blocks, plan, accelerator, context.work_dir, progress=track)
+    if log.resumed_from:
+        status(f"resumed from the checkpoint at step {log.resumed_from}")
+    trained = accelerator.unwrap_model(module).model
+    if config.method == "lora":
+        trained = trained.merge_and_unload()
+    if accelerator.is_main_process:
+        save_model(trained.to(getattr(torch, recipe.dtype)), tokenizer, context.output_dir / "model")
+    new_tokens = log.tokens - log.resumed_from * tokens_per_step
+    tail = log.losses[-10:]
+    return StageResult(artifact="model", metrics={
+        "train_loss": sum(tail) / len(tail), "train_tokens": log.tokens, "train_steps": steps,
+        "tokens_per_second": new_tokens / log.seconds if log.seconds else None,
+        "loss_curve": log.losses[:: max(1, len(log.losses) // 100)], "resumed_from_step": log.resumed_from,
+    })
+
+
+def _with_lora(model, config: DistillConfig):
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in config.lora.target_modules if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise _field_error(config, "lora.target_modules", f"{missing} not found in the model; its linear layers are {linear}")
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)

@@ -1,0 +1,153 @@
+"""Distillation: losses, LoRA gradients and merging, resume after an interruption, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from slimlm.distill import train as train_module
+from slimlm.distill.losses import LOGIT_LOSSES, hidden_state_loss, layer_mapping, top_k_teacher
+from slimlm.errors import RecipeError, SourceError
+from slimlm.recipe import load_recipe
+from slimlm.runner import run_recipe
+
+RECIPE = """\
+name: tiny
+model: {model}
+device: cpu
+data:
+  train: {{source: "builtin:python-docs", split: train, seq_len: 32, samples: 16}}
+stages:
+  - name: prune
+    kind: prune
+    target: {{ffn: 64, layers: 3}}
+    calibration: train
+  - name: distill
+    kind: distill
+    data: train
+    method: lora
+    steps: 6
+    batch_size: 2
+    lr: 0.01
+    checkpoint_every: 2
+"""
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_LOSSES))
+def test_logit_losses_are_zero_for_equal_and_positive_for_different(name):
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(10, 50, generator=g)
+    assert LOGIT_LOSSES[name](teacher.clone(), teacher, 2.0).abs().item() < 1e-6
+    assert LOGIT_LOSSES[name](torch.randn(10, 50, generator=g), teacher, 2.0).item() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+def test_hidden_losses_are_zero_for_equal_and_positive_for_different(kind):
+    h = torch.randn(8, 16)
+    assert hidden_state_loss(h.clone(), h, kind).abs().item() < 1e-6
+    assert hidden_state_loss(torch.randn(8, 16), h, kind).item() > 1e-3
+
+
+def test_top_k_and_layer_mapping():
+    student, teacher = torch.randn(4, 20), torch.randn(4, 20)
+    s, t = top_k_teacher(student, teacher, 5)
+    assert s.shape == t.shape == (4, 5) and torch.equal(t, teacher.topk(5).values)
+    assert layer_mapping(3, 6) == [(0, 1), (1, 3), (2, 5)] and layer_mapping(4, 4) == [(i, i) for i in range(4)]
+
+
+def test_lora_trains_only_adapters_and_merged_output_reloads(tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    ids = torch.randint(3, 500, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name), name
+        if "lora_B" in name:
+            assert p.grad.abs().sum() > 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # make the adapter change the model
+        unmerged = model(input_ids=ids).logits
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, unmerged, atol=1e-4, rtol=0)
+    assert not any("lora" in k for k in load_file(tmp_path / "model.safetensors"))
+
+
+def _run(tmp_path, model, folder, *overrides):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(model=model))
+    return run_recipe(load_recipe(path, list(overrides)), tmp_path / folder)
+
+
+def test_distill_lowers_the_loss_and_writes_a_plain_model(tiny_llama, tmp_path):
+    _run(tmp_path, tiny_llama, "run", "stages.distill.steps=20", "stages.distill.lr=0.002", "stages.distill.warmup=0")
+    manifest = json.loads((tmp_path / "run" / "02-distill" / "manifest.json").read_text())
+    curve = manifest["metrics"]["loss_curve"]
+    assert len(curve) == 20 and sum(curve[-5:]) < sum(curve[:5])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "02-distill" / "model")
+    assert model.config.num_hidden_layers == 3
+    assert not (tmp_path / "run" / ".work").exists() or not any((tmp_path / "run" / ".work").rglob("step-*"))
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_llama, tmp_path, monkeypatch):
+    _run(tmp_path, tiny_llama, "straight")
+    original = train_module.save_checkpoint
+
+    def crash_after_step_4(accelerator, checkpoints, step, log):
+        original(accelerator, checkpoints, step, log)
+        if step == 4:
+            raise KeyboardInterrupt  # as if the process were stopped here
+
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_llama, "resumed")
+    assert not (tmp_path / "resumed" / "02-distill").exists()  # an interrupted stage never looks finished
+    monkeypatch.setattr(train_module, "save_checkpoint", original)
+    state = _run(tmp_path, tiny_llama, "resumed")
+    assert state["stages"]["prune"] == "skipped" and state["stages"]["distill"] == "done"
+    manifest = json.loads((tmp_path / "resumed" / "02-distill" / "manifest.json").read_text())
+    assert manifest["metrics"]["resumed_from_step"] == 4
+    a = load_file(tmp_path / "straight" / "02-distill" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "02-distill" / "model" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_full_finetuning_with_hidden_state_loss_and_projection(tiny_llama, tmp_path):
+    _run(tmp_path, tiny_llama, "run", "stages.prune.target={hidden: 48, layers: 3}", "stages.distill.method=full",
+         "stages.distill.loss={logits: forward_kl, hidden: cosine, ce_weight: 0.5, top_k: 8}", "stages.distill.steps=3")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "02-distill" / "model")
+    assert model.config.hidden_size == 48
+
+
+def test_bad_distill_input_is_one_line(tiny_llama, tokenizer_dir, tmp_path):
+    with pytest.raises(RecipeError, match=r"field 'lora.target_modules': \['qkv'\] not found in the model; its linear layers are"):
+        _run(tmp_path, tiny_llama, "a", "stages.distill.lora.target_modules=[qkv]")
+    with pytest.raises(RecipeError, match="field 'tokens': 10 tokens is less than one optimizer step"):
+        _run(tmp_path, tiny_llama, "b", "stages.distill.steps=null", "stages.distill.tokens=10")
+    with pytest.raises(RecipeError, match="exactly one budget"):
+        _run(tmp_path, tiny_llama, "c", "stages.distill.steps=null")
+    from transformers import AutoTokenizer
+
+    from slimlm.distill.stage import check_tokenizers
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tokenizer_dir, other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    data["model"]["vocab"] = {("zz" + k if v == 100 else k): v for k, v in data["model"]["vocab"].items()}
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    same = AutoTokenizer.from_pretrained(tokenizer_dir)
+    check_tokenizers(same, AutoTokenizer.from_pretrained(tokenizer_dir))
+    with pytest.raises(SourceError, match="tokenizers differ"):
+        check_tokenizers(same, AutoTokenizer.from_pretrained(other))
