@@ -24,7 +24,7 @@ from slimlm.compress.importance import collect_importance, layer_removal_loss
 from slimlm.compress.search import candidate_shapes, kl_to_teacher
 from slimlm.compress.select import choose_layers, magnitude_scores, random_scores, select_plan
 from slimlm.compress.surgery import Shape, predict_parameters, prune_model
-from slimlm.evaluate.perplexity import perplexity
+from slimlm.evaluate.perplexity import perplexity, torch_logits
 from slimlm.recipe import DataSpec
 from slimlm.sources.models import load_model, load_tokenizer, resolve_model
 from slimlm.sources.text import load_documents, pack_tokens, token_stream
@@ -74,7 +74,7 @@ recipe = Recipe.model_validate(dict(name="b", model="{model_dir}", data=dict(cal
     stages=[dict(name="prune", kind="prune", target=dict(params={params_fraction}), search=dict(candidates=1))]))
 out = pathlib.Path(tempfile.mkdtemp())
 ctx = StageContext(recipe=recipe, input_dir=pathlib.Path("{model_dir}"), teacher_dir=pathlib.Path("{model_dir}"),
-                   output_dir=out, data=DataStore(dict(recipe.data)), device="cpu", seed=0)
+                   output_dir=out, work_dir=out, data=DataStore(dict(recipe.data)), device="cpu", seed=0)
 run(recipe.stages[0], ctx)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
@@ -84,6 +84,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 def bench_model(name: str, setup: dict) -> dict:
     model_dir = resolve_model(setup["model"], status=lambda m: print("  " + m, file=sys.stderr))
+    rss = peak_rss_of_prune_stage(model_dir, setup["seq_len"], setup["calib_blocks"], 0.75)
     model = load_model(model_dir)
     tok = load_tokenizer(model_dir)
     seq_len = setup["seq_len"]
@@ -108,7 +109,7 @@ def bench_model(name: str, setup: dict) -> dict:
                      "contiguous depth (angular)": "contiguous"}
 
     def ppl(pruned) -> dict:
-        return {k: round(perplexity(pruned, blocks, seq_len=seq_len)["perplexity"], 3) for k, blocks in evals.items()}
+        return {k: round(perplexity(torch_logits(pruned), blocks, seq_len=seq_len)["perplexity"], 3) for k, blocks in evals.items()}
 
     rows = [{"method": "unpruned", "removed": 0.0, "shape": base.__dict__, **ppl(model)}]
     for fraction in (0.25, 0.5):
@@ -137,8 +138,6 @@ def bench_model(name: str, setup: dict) -> dict:
             rows.append({"method": method, "target": fraction, "removed": round(removed, 3), "shape": depth_shape.__dict__,
                          "kept_layers": layers, **ppl(prune_model(model, plan, depth_shape))})
     size = sum(p.numel() * 4 for p in model.parameters())
-    del model
-    rss = peak_rss_of_prune_stage(model_dir, seq_len, setup["calib_blocks"], 0.75)
     return {"model": name, "rows": rows, "importance_vs_forward": round(importance_time / forward, 3),
             "importance_seconds": round(importance_time, 3), "forward_seconds": round(forward, 3),
             "calibration_tokens": int(calib.numel()), "fp32_bytes": size, "prune_stage_peak_rss_bytes": rss,
@@ -175,6 +174,7 @@ def main() -> None:
             continue
         results.append(bench_model(name, setups[name]))
         print_table(results[-1])
+        sys.stdout.flush()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"results": results, "torch_threads": torch.get_num_threads()}, indent=2))
     print(f"\nwrote {args.out}")

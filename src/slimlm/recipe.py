@@ -15,14 +15,15 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from slimlm.errors import RecipeError
-from slimlm.stage import HF, StageConfig, Strict
+from slimlm.stage import HF, ONNX, StageConfig, Strict
 from slimlm.stages import STAGES
 
 STAGE_KINDS: tuple[type[StageConfig], ...] = tuple(config for config, _ in STAGES.values())
 AnyStage = Annotated[Union[STAGE_KINDS], Field(discriminator="kind")]  # noqa: UP007 - needs a runtime Union
 
-# Metrics the runner computes for the teacher and every stage output (others come from the evaluation section).
+# Metrics the runner computes for every model artifact (others come from the evaluation section); ONNX has no params.
 ALWAYS_MEASURED = frozenset({"params", "nonembedding_params", "size_bytes"})
+ALWAYS_MEASURED_ONNX = frozenset({"size_bytes"})
 
 
 class DataSpec(Strict):
@@ -276,15 +277,16 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
                           f"no data source named {ev.data!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})")
     seen: dict[str, int] = {}
     fmt, producer = HF, "the teacher"
-    evaluated = ALWAYS_MEASURED | recipe.evaluation.metric_names()
     for i, stage in enumerate(recipe.stages):
+        always = ALWAYS_MEASURED_ONNX if stage.produces == ONNX else ALWAYS_MEASURED
+        evaluated = always | recipe.evaluation.metric_names()
         if stage.name in seen:
             raise where.error(("stages", i, "name"), data,
                               f"duplicate stage name {stage.name!r} (also stages[{seen[stage.name]}]); names must be unique")
         seen[stage.name] = i
         for field_name, value in stage.data_references().items():
             if value not in recipe.data:
-                raise where.error(("stages", i, field_name), data,
+                raise where.error(("stages", i, *field_name.split(".")), data,
                                   f"no data source named {value!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})")
         if fmt not in stage.consumes:
             raise where.error(("stages", i, "kind"), data,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from slimlm.compress import stage as prune
 from slimlm.distill import stage as distill
-from slimlm.quantize import cast
+from slimlm.quantize import cast, export
 
 # kind -> (config class, run function)
 STAGES = {
     "prune": (prune.PruneConfig, prune.run),
     "distill": (distill.DistillConfig, distill.run),
     "cast": (cast.CastConfig, cast.run),
+    "export": (export.ExportConfig, export.run),
 }

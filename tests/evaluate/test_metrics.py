@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slimlm.evaluate.gates import check_gate, metric_value
-from slimlm.evaluate.perplexity import perplexity
+from slimlm.evaluate.perplexity import perplexity, torch_logits
 from slimlm.evaluate.size import parameter_counts
 from slimlm.stage import Gate
 
@@ -18,7 +18,7 @@ def test_perplexity_matches_transformers_loss(tiny_llama):
     ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         losses = [model(input_ids=row[None], labels=row[None]).loss.item() for row in ids]
-    result = perplexity(model, ids, seq_len=24)
+    result = perplexity(torch_logits(model), ids, seq_len=24)
     assert math.isclose(result["perplexity"], math.exp(sum(losses) / 2), rel_tol=1e-5)
     assert result["tokens"] == 46 and "non-overlapping" in result["method"]
 
@@ -26,10 +26,10 @@ def test_perplexity_matches_transformers_loss(tiny_llama):
 def test_sliding_window_with_full_stride_equals_non_overlapping(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     stream = torch.randint(3, 500, (96,), generator=torch.Generator().manual_seed(1))
-    blocks = perplexity(model, stream, seq_len=32)
-    sliding = perplexity(model, stream, seq_len=32, stride=32)
+    blocks = perplexity(torch_logits(model), stream, seq_len=32)
+    sliding = perplexity(torch_logits(model), stream, seq_len=32, stride=32)
     assert math.isclose(blocks["perplexity"], sliding["perplexity"], rel_tol=1e-6)
-    overlapping = perplexity(model, stream, seq_len=32, stride=16)
+    overlapping = perplexity(torch_logits(model), stream, seq_len=32, stride=16)
     assert overlapping["tokens"] == 95 and "stride 16" in overlapping["method"]  # every token but the first, once
 
 

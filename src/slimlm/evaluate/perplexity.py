@@ -7,8 +7,14 @@ import math
 import torch
 
 
+def torch_logits(model):
+    """A logits function for a PyTorch causal LM: [batch, seq] ids -> [batch, seq, vocab] logits."""
+    device = next(model.parameters()).device
+    return lambda ids: model(input_ids=ids.to(device), use_cache=False).logits
+
+
 @torch.inference_mode()
-def perplexity(model, tokens: torch.Tensor, *, seq_len: int, stride: int | None = None,
+def perplexity(logits_fn, tokens: torch.Tensor, *, seq_len: int, stride: int | None = None,
                batch_size: int = 4, progress=None) -> dict:
     """Mean next-token NLL over a stream of token ids, exponentiated.
 
@@ -17,7 +23,6 @@ def perplexity(model, tokens: torch.Tensor, *, seq_len: int, stride: int | None 
     windows of `seq_len` advance by `stride` tokens and only the tokens not scored by an earlier
     window count, so every scored token sees at least seq_len - stride tokens of context.
     """
-    device = next(model.parameters()).device
     if tokens.dim() == 2:
         windows, scored_from = list(tokens), [1] * len(tokens)
         method = f"non-overlapping windows of {tokens.shape[1]} tokens"
@@ -42,18 +47,18 @@ def perplexity(model, tokens: torch.Tensor, *, seq_len: int, stride: int | None 
         starts = scored_from[i : i + batch_size]
         if len({w.numel() for w in group}) > 1:  # the last sliding window may be shorter: run it alone
             for w, s in zip(group, starts):
-                a, b = _window_nll(model, w[None].to(device), [s])
+                a, b = _window_nll(logits_fn, w[None], [s])
                 nll, count = nll + a, count + b
             continue
-        a, b = _window_nll(model, torch.stack(group).to(device), starts)
+        a, b = _window_nll(logits_fn, torch.stack(group), starts)
         nll, count = nll + a, count + b
     if count == 0:
         raise ValueError("no tokens to score")
     return {"perplexity": math.exp(nll / count), "tokens": count, "method": method}
 
 
-def _window_nll(model, ids: torch.Tensor, scored_from: list[int]) -> tuple[float, int]:
-    logits = model(input_ids=ids, use_cache=False).logits.float()
+def _window_nll(logits_fn, ids: torch.Tensor, scored_from: list[int]) -> tuple[float, int]:
+    logits = torch.as_tensor(logits_fn(ids)).float().cpu()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     target = ids[:, 1:]
     token_nll = -logp.gather(-1, target[..., None]).squeeze(-1)

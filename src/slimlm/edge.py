@@ -1,0 +1,133 @@
+"""Generation from an exported ONNX directory with onnxruntime, tokenizers and numpy only (no torch, no transformers).
+
+    from slimlm.edge import EdgeModel
+    model = EdgeModel("runs/quickstart/03-export/onnx")
+    for piece in model.stream("def fibonacci(n):", max_new_tokens=64):
+        print(piece, end="", flush=True)
+
+This module must never import torch or transformers: it is what runs on a device that has neither.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds and self.new_tokens > 1 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        total = self.prefill_seconds + self.decode_seconds
+        return self.new_tokens / total if total else 0.0
+
+
+class EdgeModel:
+    """A causal LM exported by slimlm (Optimum's I/O names), run with a KV cache."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        path = Path(path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        config = json.loads((path / "config.json").read_text())
+        generation = json.loads((path / "generation_config.json").read_text()) if (path / "generation_config.json").is_file() else {}
+        eos = generation.get("eos_token_id", config.get("eos_token_id"))
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        shape = self.inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
+        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.dtype = np.float16 if "float16" in self.inputs[self.past_names[0]].type else np.float32
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Logits for a [batch, seq] block with no cache (for evaluation)."""
+        batch, seq = input_ids.shape
+        feeds = self._feeds(input_ids, np.ones((batch, seq), np.int64), np.tile(np.arange(seq), (batch, 1)),
+                            self._empty_past(batch))
+        return self.session.run(["logits"], feeds)[0]
+
+    def _empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.dtype) for _ in self.past_names]
+
+    def _feeds(self, ids, mask, positions, past) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = positions.astype(np.int64)
+        feeds.update(zip(self.past_names, past))
+        return feeds
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, *, sample: bool = False,
+                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                     stats: GenerationStats | None = None) -> Iterator[int]:
+        """Yield new token ids one at a time: a prefill over the prompt, then one cached step per token."""
+        rng = np.random.default_rng(seed)
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = len(prompt_ids)
+        ids = np.array([prompt_ids], np.int64)
+        past = self._empty_past(1)
+        length = 0
+        t0 = time.perf_counter()
+        for step in range(max_new_tokens):
+            positions = np.arange(length, length + ids.shape[1])[None]
+            mask = np.ones((1, length + ids.shape[1]), np.int64)
+            outputs = self.session.run(None, self._feeds(ids, mask, positions, past))
+            logits, past = outputs[0][0, -1], outputs[1:]
+            length += ids.shape[1]
+            token = _sample(logits, rng, temperature, top_p) if sample else int(np.argmax(logits))
+            now = time.perf_counter()
+            if step == 0:
+                stats.prefill_seconds = now - t0
+            else:
+                stats.decode_seconds = now - t0 - stats.prefill_seconds
+            stats.new_tokens += 1
+            yield token
+            if token in self.eos_ids:
+                return
+            ids = np.array([[token]], np.int64)
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, stats: GenerationStats | None = None, **kwargs) -> Iterator[str]:
+        """Yield decoded text pieces as tokens arrive."""
+        prompt_ids = self.tokenizer.encode(prompt).ids
+        generated: list[int] = []
+        shown = ""
+        for token in self.generate_ids(prompt_ids, max_new_tokens, stats=stats, **kwargs):
+            if token in self.eos_ids:
+                break
+            generated.append(token)
+            text = self.tokenizer.decode(generated)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                yield text[len(shown):]
+                shown = text
+
+
+def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float) -> int:
+    z = logits.astype(np.float64) / max(temperature, 1e-6)
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs)
+        keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(len(probs), p=probs))

@@ -1,0 +1,109 @@
+"""`kind: export` — ONNX with a KV cache (fp32, int8 or int4), checked against the PyTorch model it came from.
+
+The parity check runs the exported model in onnxruntime on held-out text and records the largest
+logit difference, top-1 agreement and KL against the PyTorch input model, and how many greedy
+tokens match over N decode steps: metrics a recipe can gate on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from slimlm import arch
+from slimlm.errors import RecipeError, SourceError
+from slimlm.progress import status
+from slimlm.quantize.onnx_export import export_onnx
+from slimlm.quantize.ort_quantize import copy_side_files, quantize_int4, quantize_int8
+from slimlm.sources.models import load_model, load_tokenizer
+from slimlm.stage import HF, ONNX, StageConfig, StageContext, StageResult, Strict
+
+
+class ParityOptions(Strict):
+    data: str = "eval"
+    max_tokens: int = Field(1024, ge=16)
+    seq_len: int = Field(128, ge=8)
+    greedy_steps: int = Field(16, ge=1)
+
+
+class ExportConfig(StageConfig):
+    kind: Literal["export"]
+    format: Literal["onnx"] = "onnx"
+    quantize: Literal["none", "int8", "int4"] = "int8"
+    block_size: int = Field(32, ge=16, description="int4 block size (a power of two)")
+    quantize_embeddings: bool = True  # the embedding table is a fifth of a small model; quantizing it meets the size targets
+    parity: ParityOptions | None = ParityOptions()
+
+    consumes = frozenset({HF})
+    produces = ONNX
+    metrics = frozenset({"max_logit_diff", "top1_agreement", "kl", "greedy_agreement"})
+
+    def data_references(self) -> dict[str, str]:
+        return {"parity.data": self.parity.data} if self.parity else {}
+
+
+def refuse_quantized_input(config: ExportConfig, input_dir: Path) -> None:
+    cfg = json.loads((input_dir / "config.json").read_text())
+    if "quantization_config" in cfg:
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise SourceError(f"stage '{config.name}': the input model is {method}-quantized; export from the full-precision "
+                          "stage instead (put the export stage before any bitsandbytes stage)")
+
+
+def run(config: ExportConfig, context: StageContext) -> StageResult:
+    if config.block_size & (config.block_size - 1):
+        raise RecipeError(f"stage '{config.name}', field 'block_size': {config.block_size} is not a power of two")
+    refuse_quantized_input(config, context.input_dir)
+    model = load_model(context.input_dir, dtype="float32", device="cpu", trust_remote_code=context.recipe.trust_remote_code)
+    arch.family_of(model.config)
+    out = context.output_dir / "onnx"
+    fp32_dir = out if config.quantize == "none" else context.work_dir / "fp32"
+    status("exporting to ONNX with a KV cache (torch.onnx dynamo exporter)")
+    export_onnx(model, context.input_dir, fp32_dir)
+    if config.quantize != "none":
+        status(f"quantizing to {config.quantize} with onnxruntime")
+        if config.quantize == "int8":
+            quantize_int8(fp32_dir, out, embeddings=config.quantize_embeddings)
+        else:
+            quantize_int4(fp32_dir, out, block_size=config.block_size, embeddings=config.quantize_embeddings)
+        copy_side_files(fp32_dir, out)
+        shutil.rmtree(fp32_dir, ignore_errors=True)
+    metrics = {}
+    if config.parity is not None:
+        tokenizer = load_tokenizer(context.input_dir)
+        blocks = context.data.blocks(config.parity.data, tokenizer, bos_per_window=arch.needs_bos_per_window(model.config),
+                                     seq_len=config.parity.seq_len, max_tokens=config.parity.max_tokens)
+        metrics = parity(model, out, blocks, config.parity.greedy_steps)
+        status(f"parity: max |logit diff| {metrics['max_logit_diff']:.3g}, top-1 agreement {metrics['top1_agreement']:.4f}, "
+               f"KL {metrics['kl']:.3g}, greedy {metrics['greedy_agreement']:.3f}")
+    return StageResult(artifact="onnx", metrics=metrics)
+
+
+@torch.inference_mode()
+def parity(model, onnx_dir: Path, blocks: torch.Tensor, greedy_steps: int) -> dict[str, float]:
+    from slimlm.edge import EdgeModel
+
+    edge = EdgeModel(onnx_dir)
+    max_diff, agree, kl, count = 0.0, 0, 0.0, 0
+    for row in blocks:
+        ref = model(input_ids=row[None], use_cache=False).logits[0].float()
+        got = torch.from_numpy(edge.logits(row[None].numpy()))[0].float()
+        max_diff = max(max_diff, (ref - got).abs().max().item())
+        agree += (ref.argmax(-1) == got.argmax(-1)).sum().item()
+        p, q = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+        kl += (p.exp() * (p - q)).sum().item()
+        count += row.numel()
+    prompt = blocks[0, : min(16, blocks.shape[1])]
+    expected = model.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), max_new_tokens=greedy_steps,
+                              do_sample=False)[0, prompt.numel():].tolist()
+    produced = list(edge.generate_ids(prompt.tolist(), greedy_steps))
+    same = sum(a == b for a, b in zip(expected, produced)) / max(len(expected), len(produced), 1)
+    return {"max_logit_diff": max_diff, "top1_agreement": agree / count, "kl": kl / count,
+            "greedy_agreement": same, "greedy_tokens": {"pytorch": expected, "onnx": produced},
+            "onnx_bytes": int(sum(p.stat().st_size for p in onnx_dir.iterdir() if p.name.startswith("model.onnx")))}
+

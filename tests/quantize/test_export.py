@@ -1,0 +1,123 @@
+"""ONNX export with KV cache on every family, onnxruntime quantization, and the torch-free edge runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from slimlm.edge import EdgeModel
+from slimlm.errors import SourceError
+from slimlm.quantize.onnx_export import export_onnx
+from slimlm.recipe import load_recipe
+from slimlm.runner import run_recipe
+from tests.conftest import FAMILIES
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_models, tmp_path_factory):
+    """Each family exported once at fp32."""
+    root = tmp_path_factory.mktemp("onnx")
+    out = {}
+    for family, path in tiny_models.items():
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        export_onnx(model, path, root / family)
+        out[family] = root / family
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fp32_onnx_matches_pytorch_over_prompt_and_cached_decode(family, tiny_models, exported):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    edge = EdgeModel(exported[family])
+    prompt = [5, 17, 42, 99, 7, 300, 12, 8]
+    # Prompt logits, no cache.
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([prompt])).logits.numpy()
+    np.testing.assert_allclose(edge.logits(np.array([prompt])), ref, atol=1e-4, rtol=0)
+    # 16 cached decode steps: greedy tokens identical, and each step's logits match a full recompute.
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+    edge.eos_ids = set()  # compare all 16 steps even if EOS comes up
+    produced = list(edge.generate_ids(prompt, 16))
+    assert produced == expected
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([prompt + produced])).logits.numpy()
+    np.testing.assert_allclose(edge.logits(np.array([prompt + produced])), full, atol=1e-4, rtol=0)
+
+
+def test_layout_is_what_optimum_expects(exported):
+    d = exported["llama"]
+    assert {"model.onnx", "config.json", "generation_config.json", "tokenizer.json"} <= {p.name for p in d.iterdir()}
+    edge = EdgeModel(d)
+    names = [i.name for i in edge.session.get_inputs()]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and "past_key_values.3.value" in names
+    assert [o.name for o in edge.session.get_outputs()][:3] == ["logits", "present.0.key", "present.0.value"]
+
+
+def test_edge_runtime_never_imports_torch(exported):
+    code = (f"import sys; from slimlm.edge import EdgeModel; m = EdgeModel({str(exported['llama'])!r}); "
+            "out = ''.join(m.stream('def f', max_new_tokens=4)); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+RECIPE = """\
+name: tiny
+model: {model}
+device: cpu
+data:
+  eval: {{source: "builtin:python-docs", split: test, seq_len: 32}}
+evaluation:
+  perplexity: {{data: eval, max_tokens: 256}}
+stages:
+  - name: export
+    kind: export
+    quantize: {quantize}
+    parity: {{data: eval, max_tokens: 128, seq_len: 32, greedy_steps: 8}}
+    gates:
+      - {{metric: top1_agreement, min: {min_agreement}}}
+      - {{metric: perplexity, max_ratio: 1.5, relative_to: teacher}}
+"""
+
+
+@pytest.mark.parametrize("quantize,min_agreement", [("none", 0.999), ("int8", 0.5), ("int4", 0.3)])
+def test_export_stage_quantizes_and_gates_on_parity(quantize, min_agreement, tiny_llama, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(model=tiny_llama, quantize=quantize, min_agreement=min_agreement))
+    run_recipe(load_recipe(path), tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / "01-export" / "manifest.json").read_text())
+    m = manifest["metrics"]
+    assert manifest["artifact_format"] == "onnx" and m["perplexity"] > 1 and "params" not in m
+    if quantize == "none":
+        assert m["max_logit_diff"] < 1e-4 and m["greedy_agreement"] == 1.0
+    graph = onnx.load(str(tmp_path / "run" / "01-export" / "onnx" / "model.onnx"))
+    weight_bytes = sum(numpy_helper.to_array(t).nbytes for t in graph.graph.initializer)
+    fp32_bytes = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(tiny_llama).parameters())
+    if quantize != "none":  # (the graph itself is large next to a tiny model's weights; compare the weights)
+        assert weight_bytes < {"int8": 0.35, "int4": 0.3}[quantize] * fp32_bytes
+    ops = {n.op_type for n in graph.graph.node}
+    assert ("MatMulNBits" in ops) == (quantize == "int4") and ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops) == (quantize == "int8")
+
+
+def test_exporting_a_bitsandbytes_model_is_refused(tiny_llama, tmp_path):
+    import shutil
+
+    from slimlm.quantize.export import ExportConfig, refuse_quantized_input
+
+    quantized = tmp_path / "q"
+    shutil.copytree(tiny_llama, quantized)
+    cfg = json.loads((quantized / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes"}
+    (quantized / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceError, match="bitsandbytes-quantized; export from the full-precision stage"):
+        refuse_quantized_input(ExportConfig(name="export", kind="export"), quantized)
