@@ -89,7 +89,7 @@ def test_stage_order_that_makes_no_sense(tmp_path):
 
     export = FakeExport.model_construct(name="export", kind="cast", dtype="float32", gates=[])
     bad = Recipe.model_construct(**{**dict(recipe), "stages": [export, recipe.stages[0]]})
-    with pytest.raises(RecipeError, match="a prune stage needs a hf artifact, but it follows stage 'export', which produces onnx"):
+    with pytest.raises(RecipeError, match="kind prune needs a hf artifact, but it follows stage 'export', which produces onnx"):
         check_recipe(bad, Locator(Path("r.yaml"), {}))
 
 

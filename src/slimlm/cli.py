@@ -125,6 +125,37 @@ def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
         _stdout().print(f"[red]last error:[/] {state['error']}", highlight=False)
 
 
+@app.command()
+def generate(
+    export_dir: Annotated[Path, typer.Argument(help="an exported ONNX directory (e.g. runs/quickstart/03-export/onnx)")],
+    prompt: Annotated[str, typer.Argument(help="the text to continue")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+    sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy decoding")] = False,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.8,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    seed: int = 0,
+) -> None:
+    """Generate from an exported model with onnxruntime only (no torch): streams tokens, reports tokens/s."""
+    from slimlm.progress import console
+
+    if not (export_dir / "model.onnx").is_file() or not (export_dir / "tokenizer.json").is_file():
+        _fail(SlimlmError(f"{export_dir} is not an exported model (it needs model.onnx and tokenizer.json); "
+                          "point at the onnx/ folder of an export stage"))
+    from slimlm.edge import EdgeModel, GenerationStats
+
+    model = EdgeModel(export_dir)
+    stats = GenerationStats()
+    sys.stdout.write(prompt)
+    for piece in model.stream(prompt, max_new_tokens, stats=stats, sample=sample, temperature=temperature,
+                              top_p=top_p, seed=seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    console.print(f"[dim]{stats.new_tokens} tokens; prefill {stats.prompt_tokens} tokens in {stats.prefill_seconds:.3f}s; "
+                  f"decode {stats.decode_tokens_per_second:.1f} tokens/s; overall {stats.tokens_per_second:.1f} tokens/s[/]",
+                  highlight=False)
+
+
 def _describe(gate) -> str:
     from slimlm.evaluate.gates import describe_gate
 

@@ -290,7 +290,7 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
                                   f"no data source named {value!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})")
         if fmt not in stage.consumes:
             raise where.error(("stages", i, "kind"), data,
-                              f"a {stage.kind} stage needs a {' or '.join(sorted(stage.consumes))} artifact, but it follows "
+                              f"kind {stage.kind} needs a {' or '.join(sorted(stage.consumes))} artifact, but it follows "
                               f"{producer}, which produces {fmt}; reorder the stages")
         fmt, producer = stage.produces, f"stage '{stage.name}'"
         for g, gate in enumerate(stage.gates):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from slimlm.compress import stage as prune
 from slimlm.distill import stage as distill
-from slimlm.quantize import cast, export
+from slimlm.quantize import bnb, cast, export
 
 # kind -> (config class, run function)
 STAGES = {
@@ -12,4 +12,5 @@ STAGES = {
     "distill": (distill.DistillConfig, distill.run),
     "cast": (cast.CastConfig, cast.run),
     "export": (export.ExportConfig, export.run),
+    "bitsandbytes": (bnb.BitsAndBytesStageConfig, bnb.run),
 }

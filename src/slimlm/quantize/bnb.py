@@ -1,0 +1,56 @@
+"""`kind: bitsandbytes` — 8-bit (LLM.int8) or 4-bit (NF4/FP4) weights for GPU serving, saved as a HF directory.
+
+The output carries `quantization_config`, so `from_pretrained` alone reloads it. Linear layers
+with an input or output width that is not a multiple of 32 stay in full precision
+(`llm_int8_skip_modules`): bitsandbytes' CPU kernels fail on such widths (4-bit asserts on CPUs
+with AVX512-BF16; 8-bit mis-shapes its scales), and keeping them out makes the artifact load and
+run on any host, with nothing to patch after loading.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from slimlm.sources.models import load_model, load_tokenizer, save_model
+from slimlm.stage import HF, HF_QUANTIZED, StageConfig, StageContext, StageResult
+
+KERNEL_MULTIPLE = 32
+
+
+class BitsAndBytesStageConfig(StageConfig):
+    kind: Literal["bitsandbytes"]
+    bits: Literal[8, 4] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+    consumes = frozenset({HF})
+    produces = HF_QUANTIZED
+
+
+def odd_width_modules(model) -> list[str]:
+    """Linear layers (by module name) whose widths the bitsandbytes CPU kernels do not accept."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and (m.out_features % KERNEL_MULTIPLE or m.in_features % KERNEL_MULTIPLE)]
+
+
+def run(config: BitsAndBytesStageConfig, context: StageContext) -> StageResult:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    trust = context.recipe.trust_remote_code
+    plain = load_model(context.input_dir, dtype="float32", trust_remote_code=trust)
+    skip = odd_width_modules(plain) + ["lm_head"]
+    del plain
+    if config.bits == 8:
+        quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    else:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quant_type,
+                                          bnb_4bit_use_double_quant=config.double_quant,
+                                          bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype),
+                                          llm_int8_skip_modules=skip)
+    model = AutoModelForCausalLM.from_pretrained(context.input_dir, quantization_config=quantization,
+                                                 device_map=context.device, trust_remote_code=trust)
+    save_model(model, load_tokenizer(context.input_dir, trust_remote_code=trust), context.output_dir / "model")
+    return StageResult(artifact="model", metrics={"kept_in_full_precision": skip})
