@@ -111,3 +111,13 @@ def test_set_overrides_apply_and_validate(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_input_names_an_earlier_stage(tmp_path):
+    text = GOOD + "  - {name: again, kind: cast, dtype: float16, input: prune}\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.stage("again").input == "prune"
+    with pytest.raises(RecipeError, match=r"r.yaml:17: stage 'again' \(stages\[2\]\), field 'input': 'later' is not an earlier stage"):
+        load_recipe(write(tmp_path, text.replace("input: prune", "input: later")))
+    with pytest.raises(RecipeError, match="'teacher' is reserved"):
+        load_recipe(write(tmp_path, GOOD.replace("  - name: half", "  - name: teacher")))

@@ -121,3 +121,12 @@ def test_cli_exit_codes_and_status(recipe_file, tmp_path):
                               "--set", f"model={tmp_path / 'nowhere'}"], capture_output=True, text=True)
     assert missing.returncode == 2 and "is neither an existing directory nor a hub id" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_a_stage_can_take_an_earlier_stage_as_input(recipe_file, tmp_path):
+    run_dir = tmp_path / "run"
+    text = recipe_file.read_text() + "  - {name: fp16, kind: cast, dtype: float16, input: prune}\n"
+    recipe_file.write_text(text)
+    run_recipe(load_recipe(recipe_file), run_dir)
+    assert manifest(run_dir, "03-fp16")["input_digest"] == manifest(run_dir, "01-prune")["output_digest"]
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "03-fp16" / "model").dtype == torch.float16

@@ -277,9 +277,12 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
                           f"no data source named {ev.data!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})")
     seen: dict[str, int] = {}
     fmt, producer = HF, "the teacher"
+    formats = {"teacher": (HF, "the teacher")}
     for i, stage in enumerate(recipe.stages):
         always = ALWAYS_MEASURED_ONNX if stage.produces == ONNX else ALWAYS_MEASURED
         evaluated = always | recipe.evaluation.metric_names()
+        if stage.name == "teacher":
+            raise where.error(("stages", i, "name"), data, "'teacher' is reserved for the input model; rename the stage")
         if stage.name in seen:
             raise where.error(("stages", i, "name"), data,
                               f"duplicate stage name {stage.name!r} (also stages[{seen[stage.name]}]); names must be unique")
@@ -288,11 +291,17 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
             if value not in recipe.data:
                 raise where.error(("stages", i, *field_name.split(".")), data,
                                   f"no data source named {value!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})")
+        if stage.input is not None:
+            if stage.input not in formats:
+                raise where.error(("stages", i, "input"), data, f"{stage.input!r} is not an earlier stage; "
+                                  f"choose one of: {', '.join(formats)}")
+            fmt, producer = formats[stage.input]
         if fmt not in stage.consumes:
             raise where.error(("stages", i, "kind"), data,
                               f"kind {stage.kind} needs a {' or '.join(sorted(stage.consumes))} artifact, but it follows "
                               f"{producer}, which produces {fmt}; reorder the stages")
         fmt, producer = stage.produces, f"stage '{stage.name}'"
+        formats[stage.name] = (fmt, producer)
         for g, gate in enumerate(stage.gates):
             available = evaluated | stage.metrics
             if gate.metric not in available and gate.metric.split(".")[0] not in available:

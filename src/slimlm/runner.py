@@ -86,8 +86,10 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
     state["stages"][TEACHER] = "skipped" if teacher.pop("_reused") else "done"
     _print_metrics(teacher["metrics"])
 
+    finished = {TEACHER: teacher}
     previous = teacher
     for index, stage in enumerate(recipe.stages, start=1):
+        previous = finished[stage.input] if stage.input else previous
         console.rule(f"[bold]{index:02d}-{stage.name}[/] ({stage.kind})")
         state["stages"][stage.name] = "running"
         write_json_atomic(layout.run_state, state)
@@ -105,7 +107,7 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
         if failed:
             state["stages"][stage.name] = "gate_failed"
             raise GateFailed(failure_message(stage.name, failed[0]))
-        previous = manifest
+        finished[stage.name] = previous = manifest
     console.rule(f"done: {layout.root}")
 
 

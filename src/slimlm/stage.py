@@ -59,6 +59,8 @@ class StageConfig(Strict):
     """Fields every stage has. Subclasses add `kind: Literal[...]` and their own options."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    input: str | None = Field(None, description="an earlier stage (or 'teacher') whose artifact this stage takes; "
+                                                "default: the stage just before")
     gates: list[Gate] = []
 
     consumes: ClassVar[frozenset[str]] = frozenset({HF})

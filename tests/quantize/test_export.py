@@ -121,3 +121,12 @@ def test_exporting_a_bitsandbytes_model_is_refused(tiny_llama, tmp_path):
     (quantized / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SourceError, match="bitsandbytes-quantized; export from the full-precision stage"):
         refuse_quantized_input(ExportConfig(name="export", kind="export"), quantized)
+
+
+def test_generate_command_streams_without_torch(exported):
+    code = ("import sys; from slimlm.cli import app; "
+            f"app(['generate', {str(exported['llama'])!r}, 'def f', '--max-new-tokens', '3'], standalone_mode=False); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("def f") and "tokens/s" in proc.stderr
