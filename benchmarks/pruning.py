@@ -64,7 +64,7 @@ def median_seconds(fn, repeats=3) -> float:
 def peak_rss_of_prune_stage(model_dir: Path, seq_len: int, samples: int, params_fraction: float) -> float:
     """Peak RSS (bytes) of a child process that runs the prune stage alone on the model."""
     code = f"""
-import resource, tempfile, pathlib, torch
+import tempfile, pathlib, torch
 from slimlm.compress.stage import PruneConfig, run
 from slimlm.recipe import Recipe
 from slimlm.sources.text import DataStore
@@ -76,7 +76,8 @@ out = pathlib.Path(tempfile.mkdtemp())
 ctx = StageContext(recipe=recipe, input_dir=pathlib.Path("{model_dir}"), teacher_dir=pathlib.Path("{model_dir}"),
                    output_dir=out, work_dir=out, data=DataStore(dict(recipe.data)), device="cpu", seed=0)
 run(recipe.stages[0], ctx)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
+print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

@@ -73,13 +73,16 @@ def collect_importance(model, blocks: torch.Tensor, *, sequence: Aggregation = "
     def on_mlp(i):
         return lambda module, args: mlp[i].add(args[0].abs())
 
+    def unit_rows(x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden], unit length: only angles are needed
+        return torch.nn.functional.normalize(x.reshape(-1, x.shape[-1]).float(), dim=-1)
+
     def on_layer_input(i):
         def hook(module, args, kwargs):
-            boundary[i] = (args[0] if args else kwargs["hidden_states"]).float()
+            boundary[i] = unit_rows(args[0] if args else kwargs["hidden_states"])
         return hook
 
     def on_last_output(module, args, kwargs, output):
-        boundary[n_layers] = (output[0] if isinstance(output, tuple) else output).float()
+        boundary[n_layers] = unit_rows(output[0] if isinstance(output, tuple) else output)
 
     for i, layer in enumerate(layers):
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(on_attention(i)))
@@ -95,17 +98,19 @@ def collect_importance(model, blocks: torch.Tensor, *, sequence: Aggregation = "
     order = range(0, len(blocks), batch_size)
     try:
         for start in progress(order, "importance") if progress else order:
-            model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
-            states = torch.stack([s.reshape(-1, s.shape[-1]) for s in boundary])  # [L+1, tokens, hidden]
-            states = torch.nn.functional.normalize(states, dim=-1)
+            # The decoder alone: the LM head's [batch, seq, vocab] logits are not needed for any score.
+            model.model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
             for l in range(n_layers):
-                cos = (states[l : l + 1] * states[l + 1 :]).sum(-1).clamp(-1, 1)  # [L-l, tokens]
-                cos_sum[l, 1 : n_layers - l + 1] += torch.arccos(cos).sum(-1).double() / torch.pi
-                cos_sum[l, 0] += (1 - cos[0]).sum().double()  # Block Importance uses 1 - cos
-            tokens += states.shape[1]
+                for n in range(1, n_layers - l + 1):  # one [tokens] vector at a time keeps the peak small
+                    cos = (boundary[l] * boundary[l + n]).sum(-1).clamp(-1, 1)
+                    cos_sum[l, n] += torch.arccos(cos).sum().double() / torch.pi
+                    if n == 1:
+                        cos_sum[l, 0] += (1 - cos).sum().double()  # Block Importance uses 1 - cos
+            tokens += boundary[0].shape[0]
     finally:
         for h in handles:
             h.remove()
+        boundary.clear()
     angular = (cos_sum / tokens).float()
     block = angular[:, 0].clone()
     angular[:, 0] = 0.0

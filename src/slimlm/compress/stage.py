@@ -166,7 +166,8 @@ def run(config: PruneConfig, context: StageContext) -> StageResult:
         shape = Shape(**{f: best[f] for f in SIZE_FIELDS})
 
     plan = plan_for(shape)
-    pruned = prune_model(model, plan, shape)
+    pruned = prune_model(model, plan, shape, consume=True)  # the source model is not needed after this
+    del model
     save_model(pruned, tokenizer, context.output_dir / "model")
     status(f"pruned to {dataclasses.asdict(shape)}, keeping layers {plan.layers}")
     return StageResult(artifact="model", metrics={

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
 
 from slimlm import arch
 
@@ -140,26 +141,49 @@ def predict_parameters(model, shape: Shape) -> dict[str, int]:
     return {"params": total, "nonembedding_params": total - embedding}
 
 
-def prune_model(model, plan: KeepPlan, shape: Shape):
-    """A new model of `shape` holding the kept slices of `model`'s weights."""
+def prune_model(model, plan: KeepPlan, shape: Shape, *, consume: bool = False):
+    """A new model of `shape` holding the kept slices of `model`'s weights.
+
+    With `consume`, each source weight is released as soon as it is sliced, so peak memory stays
+    near one model instead of two; `model` is unusable afterwards.
+    """
     config = model.config
     new_config = pruned_config(config, shape, plan.layers)
     renumber = {old: new for new, old in enumerate(plan.layers)}
     state = {}
-    for name, tensor in model.state_dict().items():
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    tied = {"lm_head.weight"} if getattr(new_config, "tie_word_embeddings", False) else set()
+    for name in list(model.state_dict()):  # names only: holding the dict would keep every source tensor alive
         m = LAYER_KEY.match(name)
         layer = int(m.group(1)) if m else None
-        if layer is not None and layer not in renumber:
-            continue
-        for axis, dim in weight_axes(name).items():
-            tensor = tensor.index_select(axis, _indices(dim, layer, plan, config).to(tensor.device))
-        new_name = f"model.layers.{renumber[layer]}.{m.group(2)}" if m else name
-        state[new_name] = tensor.clone()
-    dtype = next(model.parameters()).dtype
-    pruned = AutoModelForCausalLM.from_config(new_config, dtype=dtype)
-    missing, unexpected = pruned.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(new_config, "tie_word_embeddings", False) else set()
+        if name in tied:
+            continue  # re-tied to the pruned embedding below
+        tensor, sliced = _tensor(model, name), None
+        if layer is None or layer in renumber:
+            sliced = tensor
+            for axis, dim in weight_axes(name).items():
+                sliced = sliced.index_select(axis, _indices(dim, layer, plan, config).to(tensor.device))
+            new_name = f"model.layers.{renumber[layer]}.{m.group(2)}" if m else name
+            state[new_name] = sliced  # index_select copied pruned tensors; untouched ones are shared, never written
+        if consume and sliced is not tensor:  # dropped, or copied by index_select: release the source
+            module_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(module_name)
+            if attr in owner._parameters:
+                owner._parameters[attr] = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        del tensor, sliced
+    with no_init_weights():  # no throwaway random init (its untouched pages never become resident)
+        pruned = AutoModelForCausalLM.from_config(new_config, dtype=dtype)
+    missing, unexpected = pruned.load_state_dict(state, strict=False, assign=True)
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"pruned state does not fit the pruned model: missing {missing}, unexpected {unexpected}")
+    if tied:
+        pruned.tie_weights()
     pruned.generation_config = copy.deepcopy(model.generation_config)
-    return pruned.to(next(model.parameters()).device).eval()
+    return pruned.to(device).eval()
+
+
+def _tensor(model, name: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(name).detach()
+    except AttributeError:
+        return model.get_buffer(name)
