@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -41,6 +43,10 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # bitsandbytes warns that the optional `kernels` package (which downloads from the hub) is absent; we do not use it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed", irrelevant to LMs
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 @app.command()

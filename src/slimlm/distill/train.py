@@ -83,13 +83,21 @@ def train(module: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, torch.Ten
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan))
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     module, optimizer = accelerator.prepare(module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+
+    def keep_trainable(models, weights, output_dir):  # a LoRA checkpoint holds the adapter, not the frozen base
+        for state in weights:
+            for key in [k for k in state if k.removeprefix("module.") not in trainable]:
+                del state[key]
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
     log = TrainLog()
     start = 0
     last = latest_checkpoint(checkpoints)
     if last is not None:
-        accelerator.load_state(str(last))
+        accelerator.load_state(str(last), strict=False)  # frozen weights come from the input model, not the checkpoint
         saved = json.loads((last / "progress.json").read_text())
         start, log.losses, log.tokens = saved["step"], saved["losses"], saved["tokens"]
         log.resumed_from = start

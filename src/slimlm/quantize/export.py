@@ -19,7 +19,7 @@ from slimlm import arch
 from slimlm.errors import RecipeError, SourceError
 from slimlm.progress import status
 from slimlm.quantize.onnx_export import export_onnx
-from slimlm.quantize.ort_quantize import copy_side_files, quantize_int4, quantize_int8
+from slimlm.quantize.ort_quantize import quantize_weights
 from slimlm.sources.models import load_model, load_tokenizer
 from slimlm.stage import HF, ONNX, StageConfig, StageContext, StageResult, Strict
 
@@ -35,7 +35,7 @@ class ExportConfig(StageConfig):
     kind: Literal["export"]
     format: Literal["onnx"] = "onnx"
     quantize: Literal["none", "int8", "int4"] = "int8"
-    block_size: int = Field(32, ge=16, description="int4 block size (a power of two)")
+    block_size: int = Field(32, ge=16, description="quantization block size along the input dimension (a power of two)")
     quantize_embeddings: bool = True  # the embedding table is a fifth of a small model; quantizing it meets the size targets
     parity: ParityOptions | None = ParityOptions()
 
@@ -67,11 +67,8 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
     export_onnx(model, context.input_dir, fp32_dir)
     if config.quantize != "none":
         status(f"quantizing to {config.quantize} with onnxruntime")
-        if config.quantize == "int8":
-            quantize_int8(fp32_dir, out, embeddings=config.quantize_embeddings)
-        else:
-            quantize_int4(fp32_dir, out, block_size=config.block_size, embeddings=config.quantize_embeddings)
-        copy_side_files(fp32_dir, out)
+        quantize_weights(fp32_dir, out, bits=8 if config.quantize == "int8" else 4, block_size=config.block_size,
+                         embeddings=config.quantize_embeddings)
         shutil.rmtree(fp32_dir, ignore_errors=True)
     metrics = {}
     if config.parity is not None:

