@@ -135,7 +135,9 @@ def _teacher_manifest(recipe, layout, teacher_dir: Path, data, device, eval_dige
 def _stage_manifest(recipe, layout, index: int, stage: StageConfig, previous: dict, teacher_dir: Path,
                     data, device, eval_digest) -> dict[str, Any]:
     """Run one stage into a partial folder and commit it, or reuse a finished one that still matches."""
-    cfg_digest = config_digest({"stage": stage.digest_fields(), "seed": recipe.seed, "dtype": recipe.dtype})
+    # slimlm's version is part of the key: an upgrade may change what a stage produces.
+    cfg_digest = config_digest({"stage": stage.digest_fields(), "seed": recipe.seed, "dtype": recipe.dtype,
+                                "slimlm": library_versions().get("slimlm")})
     input_digest = previous["output_digest"]
     final = layout.stage_dir(index, stage.name)
     old = layout.manifest(index, stage.name)
