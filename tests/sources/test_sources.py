@@ -123,3 +123,19 @@ def test_data_store_caps_blocks_at_samples(tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     store = DataStore({"c": DataSpec(source="builtin:python-docs", split="train", seq_len=16, samples=3)})
     assert store.blocks("c", tok, bos_per_window=False).shape == (3, 16)
+
+
+def test_owned_loading_matches_transformers(tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.sources.models import load_model_owned
+
+    for family in ("llama", "phi3"):  # tied and untied heads
+        ref = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+        owned = load_model_owned(tiny_models[family])
+        ids = torch.tensor([[5, 9, 33, 100]])
+        with torch.no_grad():
+            torch.testing.assert_close(owned(ids).logits, ref(ids).logits, atol=0, rtol=0)
+        tied = owned.lm_head.weight.data_ptr() == owned.model.embed_tokens.weight.data_ptr()
+        assert tied == bool(ref.config.tie_word_embeddings)

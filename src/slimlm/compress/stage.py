@@ -16,7 +16,7 @@ from slimlm.compress.select import DepthMethod, choose_layers, magnitude_scores,
 from slimlm.compress.surgery import Shape, predict_parameters, prune_model
 from slimlm.errors import RecipeError
 from slimlm.progress import status, track
-from slimlm.sources.models import load_model, load_tokenizer, save_model
+from slimlm.sources.models import load_model, load_model_owned, load_tokenizer, save_model
 from slimlm.stage import StageConfig, StageContext, StageResult, Strict
 
 SIZE_FIELDS = ("hidden", "ffn", "heads", "kv_heads", "layers")
@@ -100,7 +100,9 @@ def explicit_shape(config: PruneConfig, base: Shape) -> Shape:
 
 def run(config: PruneConfig, context: StageContext) -> StageResult:
     trust = context.recipe.trust_remote_code
-    model = load_model(context.input_dir, dtype=context.recipe.dtype, device=context.device, trust_remote_code=trust)
+    # Owned (not memory-mapped) weights let the final prune release the source weight by weight.
+    load = load_model_owned if any(context.input_dir.glob("*.safetensors")) else load_model
+    model = load(context.input_dir, dtype=context.recipe.dtype, device=context.device, trust_remote_code=trust)
     arch.family_of(model.config)
     tokenizer = load_tokenizer(context.input_dir, trust_remote_code=trust)
     base = Shape.of(model.config)

@@ -189,3 +189,48 @@ def save_model(model, tokenizer, out: Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def load_model_owned(path: Path, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """Load a causal LM whose every weight owns its memory (read, not memory-mapped).
+
+    transformers maps safetensors files, so the file's pages stay resident until the last tensor
+    of the file is gone. Reading each tensor into its own buffer lets a consumer (pruning) free the
+    source model weight by weight, keeping peak memory near one model instead of two.
+    """
+    import json
+    import struct
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    target = getattr(torch, dtype)
+    state = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                tensor = torch.empty(info["shape"], dtype=getattr(torch, SAFETENSORS_DTYPES[info["dtype"]]))
+                f.seek(8 + size + info["data_offsets"][0])
+                f.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
+                state[name] = tensor.to(target) if tensor.is_floating_point() else tensor
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=target, trust_remote_code=trust_remote_code)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise SourceError(f"the weights in {path} do not match its config (missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}); is the checkpoint complete?")
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.to(device).eval()
