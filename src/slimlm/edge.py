@@ -56,7 +56,10 @@ class EdgeModel:
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
         shape = self.inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
-        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.kv_heads = int(shape[1])
+        # onnxruntime-genai builds leave head_dim symbolic; the config has it.
+        self.head_dim = shape[3] if isinstance(shape[3], int) else int(
+            config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
         self.dtype = np.float16 if "float16" in self.inputs[self.past_names[0]].type else np.float32
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:

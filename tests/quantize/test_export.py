@@ -130,3 +130,26 @@ def test_generate_command_streams_without_torch(exported):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("def f") and "tokens/s" in proc.stderr
+
+
+def test_onnxruntime_genai_format_builds_and_runs_on_the_edge_runtime(tiny_llama, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(model=tiny_llama, quantize="int4", min_agreement=0.3).replace(
+        "    quantize: int4", "    quantize: int4\n    format: onnx-genai"))
+    run_recipe(load_recipe(path), tmp_path / "run")
+    out = tmp_path / "run" / "01-export" / "onnx"
+    assert (out / "genai_config.json").is_file()
+    m = json.loads((tmp_path / "run" / "01-export" / "manifest.json").read_text())["metrics"]
+    assert m["top1_agreement"] >= 0.3 and m["perplexity"] > 1
+
+
+def test_onnxruntime_genai_refuses_head_dim_not_divisible_by_16(tokenizer_dir, tmp_path):
+    from slimlm.errors import UnsupportedModelError
+    from tests.conftest import build_tiny
+
+    model = build_tiny("llama", tokenizer_dir, tmp_path / "hd8", head_dim=8)
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(model=model, quantize="int4", min_agreement=0.3).replace(
+        "    quantize: int4", "    quantize: int4\n    format: onnx-genai"))
+    with pytest.raises(UnsupportedModelError, match="needs head_dim divisible by 16, and this model's is 8"):
+        run_recipe(load_recipe(path), tmp_path / "run")

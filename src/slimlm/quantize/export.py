@@ -16,9 +16,9 @@ import torch
 from pydantic import Field
 
 from slimlm import arch
-from slimlm.errors import RecipeError, SourceError
+from slimlm.errors import RecipeError, SourceError, StageFailed, UnsupportedModelError
 from slimlm.progress import status
-from slimlm.quantize.onnx_export import export_onnx
+from slimlm.quantize.onnx_export import copy_side_files, export_onnx
 from slimlm.quantize.ort_quantize import quantize_weights
 from slimlm.sources.models import load_model, load_tokenizer
 from slimlm.stage import HF, ONNX, StageConfig, StageContext, StageResult, Strict
@@ -33,7 +33,7 @@ class ParityOptions(Strict):
 
 class ExportConfig(StageConfig):
     kind: Literal["export"]
-    format: Literal["onnx"] = "onnx"
+    format: Literal["onnx", "onnx-genai"] = "onnx"  # onnx-genai: onnxruntime-genai's builder (fused CPU attention)
     quantize: Literal["none", "int8", "int4"] = "int8"
     block_size: int = Field(32, ge=16, description="quantization block size along the input dimension (a power of two)")
     quantize_embeddings: bool = True  # the embedding table is a fifth of a small model; quantizing it meets the size targets
@@ -62,6 +62,9 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
     model = load_model(context.input_dir, dtype="float32", device="cpu", trust_remote_code=context.recipe.trust_remote_code)
     arch.family_of(model.config)
     out = context.output_dir / "onnx"
+    if config.format == "onnx-genai":
+        build_genai(config, context.input_dir, out, context.work_dir, arch.head_dim(model.config))
+        return StageResult(artifact="onnx", metrics=_parity(config, context, model, out))
     fp32_dir = out if config.quantize == "none" else context.work_dir / "fp32"
     status("exporting to ONNX with a KV cache (torch.onnx dynamo exporter)")
     export_onnx(model, context.input_dir, fp32_dir)
@@ -70,15 +73,38 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
         quantize_weights(fp32_dir, out, bits=8 if config.quantize == "int8" else 4, block_size=config.block_size,
                          embeddings=config.quantize_embeddings)
         shutil.rmtree(fp32_dir, ignore_errors=True)
-    metrics = {}
-    if config.parity is not None:
-        tokenizer = load_tokenizer(context.input_dir)
-        blocks = context.data.blocks(config.parity.data, tokenizer, bos_per_window=arch.needs_bos_per_window(model.config),
-                                     seq_len=config.parity.seq_len, max_tokens=config.parity.max_tokens)
-        metrics = parity(model, out, blocks, config.parity.greedy_steps)
-        status(f"parity: max |logit diff| {metrics['max_logit_diff']:.3g}, top-1 agreement {metrics['top1_agreement']:.4f}, "
-               f"KL {metrics['kl']:.3g}, greedy {metrics['greedy_agreement']:.3f}")
-    return StageResult(artifact="onnx", metrics=metrics)
+    return StageResult(artifact="onnx", metrics=_parity(config, context, model, out))
+
+
+def build_genai(config: ExportConfig, input_dir: Path, out: Path, work_dir: Path, head_dim: int) -> None:
+    """onnxruntime-genai's model builder: its own graph with fused GroupQueryAttention for CPUs."""
+    import subprocess
+    import sys
+
+    if head_dim % 16:
+        raise UnsupportedModelError(f"stage '{config.name}': onnxruntime-genai's CPU attention needs head_dim divisible "
+                                    f"by 16, and this model's is {head_dim}; use format: onnx instead")
+    precision = {"none": "fp32", "int8": "int8", "int4": "int4"}[config.quantize]
+    status(f"building an onnxruntime-genai {precision} model")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(input_dir), "-o", str(out), "-p", precision,
+           "-e", "cpu", "-c", str(work_dir / "genai-cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise StageFailed(f"stage '{config.name}': onnxruntime-genai's builder failed: {tail[0][:300]}")
+    copy_side_files(input_dir, out)  # config.json and generation_config.json for slimlm's edge runtime and evaluation
+
+
+def _parity(config: ExportConfig, context: StageContext, model, out: Path) -> dict:
+    if config.parity is None:
+        return {}
+    tokenizer = load_tokenizer(context.input_dir)
+    blocks = context.data.blocks(config.parity.data, tokenizer, bos_per_window=arch.needs_bos_per_window(model.config),
+                                 seq_len=config.parity.seq_len, max_tokens=config.parity.max_tokens)
+    metrics = parity(model, out, blocks, config.parity.greedy_steps)
+    status(f"parity: max |logit diff| {metrics['max_logit_diff']:.3g}, top-1 agreement {metrics['top1_agreement']:.4f}, "
+           f"KL {metrics['kl']:.3g}, greedy {metrics['greedy_agreement']:.3f}")
+    return metrics
 
 
 @torch.inference_mode()
