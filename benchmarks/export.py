@@ -35,14 +35,18 @@ PROMPT = "The built-in function len() returns"
 
 
 def weights_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".safetensors", ".onnx", ".data", ".onnx_data")
-               or p.name.endswith((".onnx.data", ".onnx_data")))
+    return sum(
+        p.stat().st_size
+        for p in path.iterdir()
+        if p.suffix in (".safetensors", ".onnx", ".data", ".onnx_data") or p.name.endswith((".onnx.data", ".onnx_data"))
+    )
 
 
 def time_torch(model, ids, new_tokens: int) -> float:
     t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+    )
     assert out.shape[1] - ids.shape[1] == new_tokens
     return new_tokens / (time.perf_counter() - t0)
 
@@ -67,13 +71,27 @@ def agreement(model, edge: EdgeModel, blocks: torch.Tensor) -> float:
 
 def genai_build(model_dir: Path, out: Path) -> str | None:
     """onnxruntime-genai's int4 CPU build; returns why not, if it cannot be built."""
-    from slimlm import arch
     from transformers import AutoConfig
+
+    from slimlm import arch
 
     if arch.head_dim(AutoConfig.from_pretrained(model_dir)) % 16:
         return "head_dim % 16 != 0"
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out), "-p", "int4",
-           "-e", "cpu", "-c", str(out / "cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(model_dir),
+        "-o",
+        str(out),
+        "-p",
+        "int4",
+        "-e",
+        "cpu",
+        "-c",
+        str(out / "cache"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return None if proc.returncode == 0 else (proc.stderr or proc.stdout).strip().splitlines()[-1][:200]
 
@@ -98,9 +116,15 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path)
     model = load_model(model_dir)
     tok = load_tokenizer(model_dir)
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    held_out = pack_tokens(token_stream(load_documents(DataSpec(source="builtin:python-docs", split="test")), tok, 2048), 128)
+    held_out = pack_tokens(
+        token_stream(load_documents(DataSpec(source="builtin:python-docs", split="test")), tok, 2048), 128
+    )
     fp32_bytes = weights_bytes(model_dir)
-    exports = {"onnx fp32": work / f"{name}-fp32", "onnx int8": work / f"{name}-int8", "onnx int4": work / f"{name}-int4"}
+    exports = {
+        "onnx fp32": work / f"{name}-fp32",
+        "onnx int8": work / f"{name}-int8",
+        "onnx int4": work / f"{name}-int4",
+    }
     export_onnx(model, model_dir, exports["onnx fp32"])
     quantize_weights(exports["onnx fp32"], exports["onnx int8"], bits=8)
     quantize_weights(exports["onnx fp32"], exports["onnx int4"], bits=4)
@@ -124,21 +148,39 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path)
         path = model_dir if k == "pytorch fp32" else exports.get(k, genai_dir)
         size = fp32_bytes if k == "pytorch fp32" else weights_bytes(path)
         agree = 1.0 if k == "pytorch fp32" else agreement(model, edges[k], held_out) if k in edges else None
-        rows.append({"variant": k, "tokens_per_second": statistics.median(values), "speed_ratio": statistics.median(values) / base,
-                     "runs": [round(v, 2) for v in values], "bytes": size, "size_ratio": size / fp32_bytes,
-                     "top1_agreement": agree})
-    return {"model": name, "rows": rows, "genai_skipped": genai_error, "new_tokens": new_tokens, "repeats": repeats,
-            "threads": torch.get_num_threads()}
+        rows.append(
+            {
+                "variant": k,
+                "tokens_per_second": statistics.median(values),
+                "speed_ratio": statistics.median(values) / base,
+                "runs": [round(v, 2) for v in values],
+                "bytes": size,
+                "size_ratio": size / fp32_bytes,
+                "top1_agreement": agree,
+            }
+        )
+    return {
+        "model": name,
+        "rows": rows,
+        "genai_skipped": genai_error,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def print_table(r: dict) -> None:
-    print(f"\n## {r['model']}  (batch 1, {r['new_tokens']} new tokens, greedy, prefill included, median of {r['repeats']})\n")
+    print(
+        f"\n## {r['model']}  (batch 1, {r['new_tokens']} new tokens, greedy, prefill included, median of {r['repeats']})\n"
+    )
     print("| variant | decode tokens/s | vs PyTorch fp32 | size MB | vs fp32 size | top-1 agreement |")
     print("|---|---|---|---|---|---|")
     for row in r["rows"]:
         agree = f"{row['top1_agreement']:.4f}" if row["top1_agreement"] is not None else "n/a"
-        print(f"| {row['variant']} | {row['tokens_per_second']:.1f} | {row['speed_ratio']:.2f}x | {row['bytes'] / 1e6:.1f} | "
-              f"{row['size_ratio']:.3f} | {agree} |")
+        print(
+            f"| {row['variant']} | {row['tokens_per_second']:.1f} | {row['speed_ratio']:.2f}x | {row['bytes'] / 1e6:.1f} | "
+            f"{row['size_ratio']:.3f} | {agree} |"
+        )
     if r["genai_skipped"]:
         print(f"\nonnxruntime-genai: skipped ({r['genai_skipped']})")
 

@@ -15,15 +15,24 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
 
 # Small but not degenerate: 4 query heads in 2 KV groups, head_dim 16, 4 layers.
-COMMON = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              num_hidden_layers=4, max_position_embeddings=512)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_hidden_layers=4,
+    max_position_embeddings=512,
+)
 FAMILIES = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True)),
-    "gemma2": ("Gemma2Config", dict(query_pre_attn_scalar=16, sliding_window=32, final_logit_softcapping=30.0,
-                                    attn_logit_softcapping=50.0)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(query_pre_attn_scalar=16, sliding_window=32, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    ),
     "gemma3_text": ("Gemma3TextConfig", dict(query_pre_attn_scalar=16, sliding_window=32)),
     "phi3": ("Phi3Config", dict(tie_word_embeddings=False)),
 }
@@ -44,8 +53,12 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<bos>", "<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<bos>", "<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(python_docs(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
     out = tmp_path_factory.mktemp("tokenizer")
@@ -60,9 +73,13 @@ def build_tiny(family: str, tokenizer_dir: Path, out: Path, seed: int = 0, **ove
 
     cls_name, extra = FAMILIES[family]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = getattr(transformers, cls_name)(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                             **{**COMMON, **extra, **overrides})
+    config = getattr(transformers, cls_name)(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**COMMON, **extra, **overrides},
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger-than-default weights so that pruning choices change the outputs visibly

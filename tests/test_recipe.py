@@ -50,22 +50,42 @@ def test_good_recipe_loads(tmp_path):
     assert recipe.stage("prune").target.params == 0.5
 
 
-@pytest.mark.parametrize("old,new,expected", [
-    ("    target: {params: 0.5}", "    taget: {params: 0.5}",
-     ["r.yaml:11", "stage 'prune' (stages[0])", "field 'taget'", "did you mean 'target'"]),
-    ("    dtype: bfloat16", "    dtype: int3", ["r.yaml:16", "stage 'half'", "field 'dtype'", "int3"]),
-    ("    dtype: bfloat16\n", "", ["r.yaml:14", "stage 'half'", "field 'dtype'", "missing"]),
-    ("  perplexity: {data: eval}", "  perplexity: {data: eval, max_tokens: lots}", ["r.yaml:7", "max_tokens", "integer"]),
-    ("    kind: cast", "    kind: distil", ["r.yaml:14", "unknown stage kind 'distil'", "prune"]),
-    ("  - name: half", "  - name: prune", ["r.yaml:14", "duplicate stage name 'prune'"]),
-    ("{metric: perplexity, max_ratio: 2.0, relative_to: teacher}", "{metric: accuracy, max: 2.0}",
-     ["r.yaml:13", "gates.0.metric", "accuracy", "measured:"]),
-    ("{metric: perplexity, max_ratio: 2.0, relative_to: teacher}", "{metric: perplexity, max_ratio: 2.0}",
-     ["r.yaml:13", "relative_to"]),
-    ("  perplexity: {data: eval}", "  perplexity: {data: evaluation}", ["r.yaml:7", "no data source named 'evaluation'"]),
-    ("    target: {params: 0.5}", "    target: {params: -1}", ["r.yaml:11", "target.params", "greater than 0"]),
-    ("    target: {params: 0.5}", "    target: {params: 0.5, hidden: 32}", ["target", "not both"]),
-])
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        (
+            "    target: {params: 0.5}",
+            "    taget: {params: 0.5}",
+            ["r.yaml:11", "stage 'prune' (stages[0])", "field 'taget'", "did you mean 'target'"],
+        ),
+        ("    dtype: bfloat16", "    dtype: int3", ["r.yaml:16", "stage 'half'", "field 'dtype'", "int3"]),
+        ("    dtype: bfloat16\n", "", ["r.yaml:14", "stage 'half'", "field 'dtype'", "missing"]),
+        (
+            "  perplexity: {data: eval}",
+            "  perplexity: {data: eval, max_tokens: lots}",
+            ["r.yaml:7", "max_tokens", "integer"],
+        ),
+        ("    kind: cast", "    kind: distil", ["r.yaml:14", "unknown stage kind 'distil'", "prune"]),
+        ("  - name: half", "  - name: prune", ["r.yaml:14", "duplicate stage name 'prune'"]),
+        (
+            "{metric: perplexity, max_ratio: 2.0, relative_to: teacher}",
+            "{metric: accuracy, max: 2.0}",
+            ["r.yaml:13", "gates.0.metric", "accuracy", "measured:"],
+        ),
+        (
+            "{metric: perplexity, max_ratio: 2.0, relative_to: teacher}",
+            "{metric: perplexity, max_ratio: 2.0}",
+            ["r.yaml:13", "relative_to"],
+        ),
+        (
+            "  perplexity: {data: eval}",
+            "  perplexity: {data: evaluation}",
+            ["r.yaml:7", "no data source named 'evaluation'"],
+        ),
+        ("    target: {params: 0.5}", "    target: {params: -1}", ["r.yaml:11", "target.params", "greater than 0"]),
+        ("    target: {params: 0.5}", "    target: {params: 0.5, hidden: 32}", ["target", "not both"]),
+    ],
+)
 def test_mistakes_name_file_line_stage_and_field(tmp_path, old, new, expected):
     assert old in GOOD
     with pytest.raises(RecipeError) as e:
@@ -89,7 +109,9 @@ def test_stage_order_that_makes_no_sense(tmp_path):
 
     export = FakeExport.model_construct(name="export", kind="cast", dtype="float32", gates=[])
     bad = Recipe.model_construct(**{**dict(recipe), "stages": [export, recipe.stages[0]]})
-    with pytest.raises(RecipeError, match="kind prune needs a hf artifact, but it follows stage 'export', which produces onnx"):
+    with pytest.raises(
+        RecipeError, match="kind prune needs a hf artifact, but it follows stage 'export', which produces onnx"
+    ):
         check_recipe(bad, Locator(Path("r.yaml"), {}))
 
 
@@ -117,7 +139,9 @@ def test_input_names_an_earlier_stage(tmp_path):
     text = GOOD + "  - {name: again, kind: cast, dtype: float16, input: prune}\n"
     recipe = load_recipe(write(tmp_path, text))
     assert recipe.stage("again").input == "prune"
-    with pytest.raises(RecipeError, match=r"r.yaml:17: stage 'again' \(stages\[2\]\), field 'input': 'later' is not an earlier stage"):
+    with pytest.raises(
+        RecipeError, match=r"r.yaml:17: stage 'again' \(stages\[2\]\), field 'input': 'later' is not an earlier stage"
+    ):
         load_recipe(write(tmp_path, text.replace("input: prune", "input: later")))
     with pytest.raises(RecipeError, match="'teacher' is reserved"):
         load_recipe(write(tmp_path, GOOD.replace("  - name: half", "  - name: teacher")))

@@ -53,8 +53,17 @@ def test_run_writes_manifests_and_a_rerun_skips_everything(recipe_file, tmp_path
     state = run_recipe(load_recipe(recipe_file), run_dir)
     assert state["status"] == "done" and state["stages"] == {"teacher": "done", "prune": "done", "half": "done"}
     prune = manifest(run_dir, "01-prune")
-    for key in ("config_digest", "input_digest", "output_digest", "metrics", "gates", "started", "finished",
-                "versions", "seed"):
+    for key in (
+        "config_digest",
+        "input_digest",
+        "output_digest",
+        "metrics",
+        "gates",
+        "started",
+        "finished",
+        "versions",
+        "seed",
+    ):
         assert key in prune
     assert prune["input_digest"] == manifest(run_dir, "00-teacher")["output_digest"]
     assert manifest(run_dir, "02-half")["input_digest"] == prune["output_digest"]
@@ -76,7 +85,9 @@ def test_changing_a_stage_reruns_it_and_what_follows_but_not_what_precedes(recip
     state = run_recipe(load_recipe(recipe_file, ["stages.prune.target.ffn=96"]), run_dir)
     assert state["stages"] == {"teacher": "skipped", "prune": "done", "half": "done"}
     # A gate change needs no recompute.
-    state = run_recipe(load_recipe(recipe_file, ["stages.prune.target.ffn=96", "stages.prune.gates.1.max=2000000"]), run_dir)
+    state = run_recipe(
+        load_recipe(recipe_file, ["stages.prune.target.ffn=96", "stages.prune.gates.1.max=2000000"]), run_dir
+    )
     assert state["stages"]["prune"] == "skipped"
 
 
@@ -107,18 +118,25 @@ def test_failed_gate_stops_with_exit_code_3_and_keeps_artifacts(recipe_file, tmp
 def test_cli_exit_codes_and_status(recipe_file, tmp_path):
     run_dir = tmp_path / "run"
     cli = [sys.executable, "-m", "slimlm"]
-    gate = subprocess.run([*cli, "run", str(recipe_file), "--run-dir", str(run_dir), "--set",
-                           "stages.prune.gates.1.max=10"], capture_output=True, text=True)
+    gate = subprocess.run(
+        [*cli, "run", str(recipe_file), "--run-dir", str(run_dir), "--set", "stages.prune.gates.1.max=10"],
+        capture_output=True,
+        text=True,
+    )
     assert gate.returncode == 3, gate.stderr
     assert "error: gate 'params <= 10' after stage 'prune' failed" in gate.stderr
     assert "Traceback" not in gate.stderr
     status = subprocess.run([*cli, "status", str(run_dir)], capture_output=True, text=True)
     assert status.returncode == 0 and "gate failed" in status.stdout and "teacher" in status.stdout
-    bad = subprocess.run([*cli, "run", str(recipe_file), "--set", "stages.prune.target.hiden=3"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [*cli, "run", str(recipe_file), "--set", "stages.prune.target.hiden=3"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "unknown key 'hiden'; did you mean 'hidden'?" in bad.stderr
-    missing = subprocess.run([*cli, "run", str(recipe_file), "--run-dir", str(tmp_path / "r2"),
-                              "--set", f"model={tmp_path / 'nowhere'}"], capture_output=True, text=True)
+    missing = subprocess.run(
+        [*cli, "run", str(recipe_file), "--run-dir", str(tmp_path / "r2"), "--set", f"model={tmp_path / 'nowhere'}"],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2 and "is neither an existing directory nor a hub id" in missing.stderr
     assert "Traceback" not in missing.stderr
 

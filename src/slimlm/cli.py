@@ -17,16 +17,24 @@ from slimlm.errors import SlimlmError
 if TYPE_CHECKING:
     from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Prune, distill, quantize and export causal LMs from a YAML recipe, with quality gates.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Prune, distill, quantize and export causal LMs from a YAML recipe, with quality gates.",
+)
 
-def _stdout() -> "Console":
+
+def _stdout() -> Console:
     from rich.console import Console
 
     return Console() if sys.stdout.isatty() else Console(width=160)  # wide tables when piped or logged
 
 
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe value: KEY=VALUE, e.g. stages.prune.target.params=0.5")]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="override a recipe value: KEY=VALUE, e.g. stages.prune.target.params=0.5"),
+]
 
 
 def _fail(error: SlimlmError) -> None:
@@ -52,7 +60,9 @@ def _quiet_libraries() -> None:
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="where to write the run (default runs/<recipe name>)")] = None,
+    run_dir: Annotated[
+        Optional[Path], typer.Option("--run-dir", help="where to write the run (default runs/<recipe name>)")
+    ] = None,
     set_: SetOption = None,
 ) -> None:
     """Run a recipe; finished stages that have not changed are skipped."""
@@ -85,9 +95,18 @@ def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")], set_: 
     table = Table(title=f"{parsed.name}: teacher {parsed.model}")
     for col in ("#", "stage", "kind", "produces", "settings", "gates"):
         table.add_column(col)
-    table.add_row("00", "teacher", "evaluate", "metrics", ", ".join(sorted(parsed.evaluation.metric_names() | {"params", "size_bytes"})), "")
+    table.add_row(
+        "00",
+        "teacher",
+        "evaluate",
+        "metrics",
+        ", ".join(sorted(parsed.evaluation.metric_names() | {"params", "size_bytes"})),
+        "",
+    )
     for i, stage in enumerate(parsed.stages, 1):
-        settings = stage.model_dump(mode="json", exclude={"name", "kind", "gates"}, exclude_none=True, exclude_defaults=True)
+        settings = stage.model_dump(
+            mode="json", exclude={"name", "kind", "gates"}, exclude_none=True, exclude_defaults=True
+        )
         gates = "; ".join(_describe(g) for g in stage.gates)
         table.add_row(f"{i:02d}", stage.name, stage.kind, stage.produces, _short(settings), gates)
     _stdout().print(table)
@@ -123,9 +142,16 @@ def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
         verdicts = manifest.get("gates", [])
         failed = [v["gate"] for v in verdicts if not v["passed"]]
         gates = ("FAIL: " + "; ".join(failed)) if failed else (f"{len(verdicts)} passed" if verdicts else "")
-        table.add_row(f"{i:02d}", name, shown, f"{m['params']:,}" if "params" in m else "",
-                      f"{m['size_bytes'] / 1e6:.1f}" if "size_bytes" in m else "",
-                      f"{m['perplexity']:.3f}" if "perplexity" in m else "", gates, str(manifest.get("seconds", "")))
+        table.add_row(
+            f"{i:02d}",
+            name,
+            shown,
+            f"{m['params']:,}" if "params" in m else "",
+            f"{m['size_bytes'] / 1e6:.1f}" if "size_bytes" in m else "",
+            f"{m['perplexity']:.3f}" if "perplexity" in m else "",
+            gates,
+            str(manifest.get("seconds", "")),
+        )
     _stdout().print(table)
     if state.get("error"):
         _stdout().print(f"[red]last error:[/] {state['error']}", highlight=False)
@@ -133,7 +159,9 @@ def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
 @app.command()
 def generate(
-    export_dir: Annotated[Path, typer.Argument(help="an exported ONNX directory (e.g. runs/quickstart/03-export/onnx)")],
+    export_dir: Annotated[
+        Path, typer.Argument(help="an exported ONNX directory (e.g. runs/quickstart/03-export/onnx)")
+    ],
     prompt: Annotated[str, typer.Argument(help="the text to continue")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
     sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy decoding")] = False,
@@ -145,21 +173,28 @@ def generate(
     from slimlm.progress import console
 
     if not (export_dir / "model.onnx").is_file() or not (export_dir / "tokenizer.json").is_file():
-        _fail(SlimlmError(f"{export_dir} is not an exported model (it needs model.onnx and tokenizer.json); "
-                          "point at the onnx/ folder of an export stage"))
+        _fail(
+            SlimlmError(
+                f"{export_dir} is not an exported model (it needs model.onnx and tokenizer.json); "
+                "point at the onnx/ folder of an export stage"
+            )
+        )
     from slimlm.edge import EdgeModel, GenerationStats
 
     model = EdgeModel(export_dir)
     stats = GenerationStats()
     sys.stdout.write(prompt)
-    for piece in model.stream(prompt, max_new_tokens, stats=stats, sample=sample, temperature=temperature,
-                              top_p=top_p, seed=seed):
+    for piece in model.stream(
+        prompt, max_new_tokens, stats=stats, sample=sample, temperature=temperature, top_p=top_p, seed=seed
+    ):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    console.print(f"[dim]{stats.new_tokens} tokens; prefill {stats.prompt_tokens} tokens in {stats.prefill_seconds:.3f}s; "
-                  f"decode {stats.decode_tokens_per_second:.1f} tokens/s; overall {stats.tokens_per_second:.1f} tokens/s[/]",
-                  highlight=False)
+    console.print(
+        f"[dim]{stats.new_tokens} tokens; prefill {stats.prompt_tokens} tokens in {stats.prefill_seconds:.3f}s; "
+        f"decode {stats.decode_tokens_per_second:.1f} tokens/s; overall {stats.tokens_per_second:.1f} tokens/s[/]",
+        highlight=False,
+    )
 
 
 def _describe(gate) -> str:

@@ -49,7 +49,11 @@ class EdgeModel:
         self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         config = json.loads((path / "config.json").read_text())
-        generation = json.loads((path / "generation_config.json").read_text()) if (path / "generation_config.json").is_file() else {}
+        generation = (
+            json.loads((path / "generation_config.json").read_text())
+            if (path / "generation_config.json").is_file()
+            else {}
+        )
         eos = generation.get("eos_token_id", config.get("eos_token_id"))
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -58,15 +62,19 @@ class EdgeModel:
         shape = self.inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
         self.kv_heads = int(shape[1])
         # onnxruntime-genai builds leave head_dim symbolic; the config has it.
-        self.head_dim = shape[3] if isinstance(shape[3], int) else int(
-            config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+        self.head_dim = (
+            shape[3]
+            if isinstance(shape[3], int)
+            else int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+        )
         self.dtype = np.float16 if "float16" in self.inputs[self.past_names[0]].type else np.float32
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits for a [batch, seq] block with no cache (for evaluation)."""
         batch, seq = input_ids.shape
-        feeds = self._feeds(input_ids, np.ones((batch, seq), np.int64), np.tile(np.arange(seq), (batch, 1)),
-                            self._empty_past(batch))
+        feeds = self._feeds(
+            input_ids, np.ones((batch, seq), np.int64), np.tile(np.arange(seq), (batch, 1)), self._empty_past(batch)
+        )
         return self.session.run(["logits"], feeds)[0]
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
@@ -76,12 +84,20 @@ class EdgeModel:
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
         if "position_ids" in self.inputs:
             feeds["position_ids"] = positions.astype(np.int64)
-        feeds.update(zip(self.past_names, past))
+        feeds.update(zip(self.past_names, past, strict=True))
         return feeds
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 64, *, sample: bool = False,
-                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                     stats: GenerationStats | None = None) -> Iterator[int]:
+    def generate_ids(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int = 64,
+        *,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[int]:
         """Yield new token ids one at a time: a prefill over the prompt, then one cached step per token."""
         rng = np.random.default_rng(seed)
         stats = stats if stats is not None else GenerationStats()
@@ -108,7 +124,9 @@ class EdgeModel:
                 return
             ids = np.array([[token]], np.int64)
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, stats: GenerationStats | None = None, **kwargs) -> Iterator[str]:
+    def stream(
+        self, prompt: str, max_new_tokens: int = 64, stats: GenerationStats | None = None, **kwargs
+    ) -> Iterator[str]:
         """Yield decoded text pieces as tokens arrive."""
         prompt_ids = self.tokenizer.encode(prompt).ids
         generated: list[int] = []
@@ -119,7 +137,7 @@ class EdgeModel:
             generated.append(token)
             text = self.tokenizer.decode(generated)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                yield text[len(shown):]
+                yield text[len(shown) :]
                 shown = text
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from slimlm.errors import RecipeError
 from slimlm.stage import HF, ONNX, StageConfig, Strict
@@ -26,6 +26,20 @@ ALWAYS_MEASURED = frozenset({"params", "nonembedding_params", "size_bytes"})
 ALWAYS_MEASURED_ONNX = frozenset({"size_bytes"})
 
 
+class GenerateSpec(Strict):
+    """Text sampled from the teacher (`source: generate`): distillation without the original training data."""
+
+    prompts: str | None = Field(
+        None, description="a data source whose documents' openings prompt the teacher; BOS if unset"
+    )
+    tokens: int = Field(50_000, ge=1, description="how many tokens to generate in all")
+    max_new_tokens: int = Field(256, ge=1)
+    prompt_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+
+
 class DataSpec(Strict):
     """A named text source, its split, and how it is cut into token blocks."""
 
@@ -35,6 +49,16 @@ class DataSpec(Strict):
     test_fraction: float = Field(0.1, gt=0, lt=1)
     seq_len: int = Field(256, ge=8)
     samples: int | None = Field(None, ge=1, description="number of seq_len blocks to use; all if unset")
+    generate: GenerateSpec | None = None
+
+    @model_validator(mode="after")
+    def _generate_settings(self) -> DataSpec:
+        if (self.source == "generate") != (self.generate is not None):
+            raise ValueError(
+                "`source: generate` goes with a `generate:` section (prompts, tokens, temperature, top_p), "
+                "and only with it"
+            )
+        return self
 
 
 class PerplexityEval(Strict):
@@ -148,7 +172,9 @@ class Locator:
             key = data_path[-1]
             known = _known_fields(err["loc"][:-1])
             hint = difflib.get_close_matches(str(key), known, n=1)
-            msg = f"unknown key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else f"; allowed keys: {', '.join(known)}")
+            msg = f"unknown key '{key}'" + (
+                f"; did you mean '{hint[0]}'?" if hint else f"; allowed keys: {', '.join(known)}"
+            )
         elif kind == "missing":
             msg = "required field is missing"
         elif kind == "union_tag_invalid":
@@ -252,7 +278,9 @@ def apply_override(data: dict, item: str, where: Locator) -> None:
             elif part in names:
                 part = names.index(part)
             else:
-                raise RecipeError(f"--set {key}: no stage named {part!r} (stages: {', '.join(map(str, names)) or 'none'})")
+                raise RecipeError(
+                    f"--set {key}: no stage named {part!r} (stages: {', '.join(map(str, names)) or 'none'})"
+                )
         elif not isinstance(node, dict):
             raise RecipeError(f"--set {key}: {'.'.join(map(str, path))} is not a mapping")
         path.append(part)
@@ -273,8 +301,19 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
     data = recipe.model_dump(mode="json")
     ev = recipe.evaluation.perplexity
     if ev and ev.data not in recipe.data:
-        raise where.error(("evaluation", "perplexity", "data"), data,
-                          f"no data source named {ev.data!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})")
+        raise where.error(
+            ("evaluation", "perplexity", "data"),
+            data,
+            f"no data source named {ev.data!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})",
+        )
+    for name, spec in recipe.data.items():
+        prompts = spec.generate.prompts if spec.generate else None
+        if prompts is not None and (prompts not in recipe.data or prompts == name):
+            raise where.error(
+                ("data", name, "generate", "prompts"),
+                data,
+                f"no other data source named {prompts!r} to take prompts from",
+            )
     seen: dict[str, int] = {}
     fmt, producer = HF, "the teacher"
     formats = {"teacher": (HF, "the teacher")}
@@ -282,34 +321,54 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
         always = ALWAYS_MEASURED_ONNX if stage.produces == ONNX else ALWAYS_MEASURED
         evaluated = always | recipe.evaluation.metric_names()
         if stage.name == "teacher":
-            raise where.error(("stages", i, "name"), data, "'teacher' is reserved for the input model; rename the stage")
+            raise where.error(
+                ("stages", i, "name"), data, "'teacher' is reserved for the input model; rename the stage"
+            )
         if stage.name in seen:
-            raise where.error(("stages", i, "name"), data,
-                              f"duplicate stage name {stage.name!r} (also stages[{seen[stage.name]}]); names must be unique")
+            raise where.error(
+                ("stages", i, "name"),
+                data,
+                f"duplicate stage name {stage.name!r} (also stages[{seen[stage.name]}]); names must be unique",
+            )
         seen[stage.name] = i
         for field_name, value in stage.data_references().items():
             if value not in recipe.data:
-                raise where.error(("stages", i, *field_name.split(".")), data,
-                                  f"no data source named {value!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})")
+                raise where.error(
+                    ("stages", i, *field_name.split(".")),
+                    data,
+                    f"no data source named {value!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})",
+                )
         if stage.input is not None:
             if stage.input not in formats:
-                raise where.error(("stages", i, "input"), data, f"{stage.input!r} is not an earlier stage; "
-                                  f"choose one of: {', '.join(formats)}")
+                raise where.error(
+                    ("stages", i, "input"),
+                    data,
+                    f"{stage.input!r} is not an earlier stage; choose one of: {', '.join(formats)}",
+                )
             fmt, producer = formats[stage.input]
         if fmt not in stage.consumes:
-            raise where.error(("stages", i, "kind"), data,
-                              f"kind {stage.kind} needs a {' or '.join(sorted(stage.consumes))} artifact, but it follows "
-                              f"{producer}, which produces {fmt}; reorder the stages")
+            raise where.error(
+                ("stages", i, "kind"),
+                data,
+                f"kind {stage.kind} needs a {' or '.join(sorted(stage.consumes))} artifact, but it follows "
+                f"{producer}, which produces {fmt}; reorder the stages",
+            )
         fmt, producer = stage.produces, f"stage '{stage.name}'"
         formats[stage.name] = (fmt, producer)
         for g, gate in enumerate(stage.gates):
             available = evaluated | stage.metrics
             if gate.metric not in available and gate.metric.split(".")[0] not in available:
-                raise where.error(("stages", i, "gates", g, "metric"), data,
-                                  f"gate on {gate.metric!r}, which this run does not measure; measured: {', '.join(sorted(available))}")
+                raise where.error(
+                    ("stages", i, "gates", g, "metric"),
+                    data,
+                    f"gate on {gate.metric!r}, which this run does not measure; measured: {', '.join(sorted(available))}",
+                )
             if gate.relative_to and gate.metric not in evaluated:
-                raise where.error(("stages", i, "gates", g, "relative_to"), data,
-                                  f"{gate.metric!r} is only measured by this stage, so it has no {gate.relative_to} value to compare with")
+                raise where.error(
+                    ("stages", i, "gates", g, "relative_to"),
+                    data,
+                    f"{gate.metric!r} is only measured by this stage, so it has no {gate.relative_to} value to compare with",
+                )
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

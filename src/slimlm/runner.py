@@ -16,8 +16,15 @@ from typing import Any
 
 import torch
 
-from slimlm.artifacts import (MANIFEST, RunLayout, begin_partial, commit_partial, config_digest, dir_digest,
-                              write_json_atomic)
+from slimlm.artifacts import (
+    MANIFEST,
+    RunLayout,
+    begin_partial,
+    commit_partial,
+    config_digest,
+    dir_digest,
+    write_json_atomic,
+)
 from slimlm.errors import GateFailed, SlimlmError
 from slimlm.evaluate.gates import check_gate, failure_message
 from slimlm.evaluate.suite import evaluate_artifact, evaluation_digest
@@ -27,6 +34,7 @@ from slimlm.sources.models import resolve_model
 from slimlm.sources.text import DataStore
 from slimlm.stage import StageConfig, StageContext
 from slimlm.stages import STAGES
+
 TEACHER = "teacher"
 LIBRARIES = ("slimlm", "torch", "transformers", "accelerate", "peft", "safetensors", "onnx", "onnxruntime")
 
@@ -60,14 +68,19 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
         layout.root.mkdir(parents=True, exist_ok=True)
         layout.recipe.write_text(recipe_to_yaml(recipe))
     except OSError as e:
-        raise SlimlmError(f"cannot write the run directory {layout.root}: {e.strerror}; choose another with --run-dir") from e
+        raise SlimlmError(
+            f"cannot write the run directory {layout.root}: {e.strerror}; choose another with --run-dir"
+        ) from e
     state: dict[str, Any] = {"recipe": recipe.name, "status": "running", "started": now(), "stages": {}}
     write_json_atomic(layout.run_state, state)
     try:
         _run_stages(recipe, layout, state)
     except BaseException as e:
-        state.update(status="gate_failed" if isinstance(e, GateFailed) else "failed", finished=now(),
-                     error=str(e) if isinstance(e, SlimlmError) else f"{type(e).__name__}: {e}")
+        state.update(
+            status="gate_failed" if isinstance(e, GateFailed) else "failed",
+            finished=now(),
+            error=str(e) if isinstance(e, SlimlmError) else f"{type(e).__name__}: {e}",
+        )
         write_json_atomic(layout.run_state, state)
         raise
     state.update(status="done", finished=now())
@@ -77,11 +90,11 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
 
 def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> None:
     device = pick_device(recipe.device)
-    data = DataStore(dict(recipe.data))
     eval_digest = evaluation_digest(recipe)
 
     console.rule(f"[bold]{recipe.name}[/] — teacher")
     teacher_dir = resolve_model(recipe.model, allow_pickle=recipe.allow_pickle, status=status)
+    data = DataStore(dict(recipe.data), teacher_dir=teacher_dir, cache_dir=layout.root / "generated")
     teacher = _teacher_manifest(recipe, layout, teacher_dir, data, device, eval_digest)
     state["stages"][TEACHER] = "skipped" if teacher.pop("_reused") else "done"
     _print_metrics(teacher["metrics"])
@@ -93,7 +106,7 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
         console.rule(f"[bold]{index:02d}-{stage.name}[/] ({stage.kind})")
         state["stages"][stage.name] = "running"
         write_json_atomic(layout.run_state, state)
-        manifest = _stage_manifest(recipe, layout, index, stage, previous, teacher_dir, data, device, eval_digest)
+        manifest = _stage_manifest(recipe, layout, index, stage, previous, teacher, data, device, eval_digest)
         state["stages"][stage.name] = "skipped" if manifest.pop("_reused") else "done"
         _print_metrics(manifest["metrics"])
         verdicts = [check_gate(g, manifest["metrics"], teacher["metrics"], previous["metrics"]) for g in stage.gates]
@@ -108,6 +121,11 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
             state["stages"][stage.name] = "gate_failed"
             raise GateFailed(failure_message(stage.name, failed[0]))
         finished[stage.name] = previous = manifest
+        if getattr(
+            stage, "becomes_teacher", False
+        ):  # teacher correction: distill from the corrected model from here on
+            status("this stage's output is the teacher for the stages that follow")
+            teacher = manifest
     console.rule(f"done: {layout.root}")
 
 
@@ -115,29 +133,53 @@ def _teacher_manifest(recipe, layout, teacher_dir: Path, data, device, eval_dige
     """Evaluate the teacher once per run directory; reuse while the model and evaluation are unchanged."""
     digest = dir_digest(teacher_dir)
     old = layout.manifest(0, TEACHER)
-    if old and old.get("output_digest") == digest and old.get("evaluation_digest") == eval_digest \
-            and old.get("model") == recipe.model:
+    if (
+        old
+        and old.get("output_digest") == digest
+        and old.get("evaluation_digest") == eval_digest
+        and old.get("model") == recipe.model
+    ):
         status("teacher already evaluated; reusing its metrics")
         return {**old, "_reused": True}
     started, t0 = now(), time.perf_counter()
     metrics = evaluate_artifact(teacher_dir, recipe, data, device)
     manifest = {
-        "stage": TEACHER, "kind": TEACHER, "status": "done", "model": recipe.model, "artifact_path": str(teacher_dir),
-        "input_digest": digest, "output_digest": digest, "evaluation_digest": eval_digest, "metrics": metrics,
-        "gates": [], "started": started, "finished": now(), "seconds": round(time.perf_counter() - t0, 2),
-        "versions": library_versions(), "seed": recipe.seed,
+        "stage": TEACHER,
+        "kind": TEACHER,
+        "status": "done",
+        "model": recipe.model,
+        "artifact_path": str(teacher_dir),
+        "input_digest": digest,
+        "output_digest": digest,
+        "evaluation_digest": eval_digest,
+        "metrics": metrics,
+        "gates": [],
+        "started": started,
+        "finished": now(),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "versions": library_versions(),
+        "seed": recipe.seed,
     }
     layout.stage_dir(0, TEACHER).mkdir(parents=True, exist_ok=True)
     write_json_atomic(layout.stage_dir(0, TEACHER) / MANIFEST, manifest)
     return {**manifest, "_reused": False}
 
 
-def _stage_manifest(recipe, layout, index: int, stage: StageConfig, previous: dict, teacher_dir: Path,
-                    data, device, eval_digest) -> dict[str, Any]:
+def _stage_manifest(
+    recipe, layout, index: int, stage: StageConfig, previous: dict, teacher: dict, data, device, eval_digest
+) -> dict[str, Any]:
     """Run one stage into a partial folder and commit it, or reuse a finished one that still matches."""
-    # slimlm's version is part of the key: an upgrade may change what a stage produces.
-    cfg_digest = config_digest({"stage": stage.digest_fields(), "seed": recipe.seed, "dtype": recipe.dtype,
-                                "slimlm": library_versions().get("slimlm")})
+    # The teacher (which a corrected teacher replaces) and slimlm's version are part of the key too.
+    cfg_digest = config_digest(
+        {
+            "stage": stage.digest_fields(),
+            "seed": recipe.seed,
+            "dtype": recipe.dtype,
+            "teacher": teacher["output_digest"],
+            "slimlm": library_versions().get("slimlm"),
+        }
+    )
+    teacher_dir = Path(teacher["artifact_path"])
     input_digest = previous["output_digest"]
     final = layout.stage_dir(index, stage.name)
     old = layout.manifest(index, stage.name)
@@ -157,18 +199,42 @@ def _stage_manifest(recipe, layout, index: int, stage: StageConfig, previous: di
     work_dir = layout.work_dir(index, stage.name, config_digest([cfg_digest, input_digest]))
     started, t0 = now(), time.perf_counter()
     torch.manual_seed(recipe.seed)
-    context = StageContext(recipe=recipe, input_dir=Path(previous["artifact_path"]), teacher_dir=teacher_dir,
-                           output_dir=partial, work_dir=work_dir, data=data, device=device, seed=recipe.seed,
-                           previous_metrics=previous["metrics"])
+    context = StageContext(
+        recipe=recipe,
+        input_dir=Path(previous["artifact_path"]),
+        teacher_dir=teacher_dir,
+        output_dir=partial,
+        work_dir=work_dir,
+        data=data,
+        device=device,
+        seed=recipe.seed,
+        previous_metrics=previous["metrics"],
+    )
     result = STAGES[stage.kind][1](stage, context)
     seconds = round(time.perf_counter() - t0, 2)
     metrics = {**result.metrics, **evaluate_artifact(partial / result.artifact, recipe, data, device)}
     manifest = {
-        "stage": stage.name, "kind": stage.kind, "index": index, "status": "done", "config": stage.model_dump(mode="json"),
-        "config_digest": cfg_digest, "input_digest": input_digest, "output_digest": dir_digest(partial),
-        "evaluation_digest": eval_digest, "artifact": result.artifact, "artifact_format": stage.produces,
-        "artifact_path": str(final / result.artifact), "stage_metrics": result.metrics, "metrics": metrics, "gates": [],
-        "started": started, "finished": now(), "seconds": seconds, "versions": library_versions(), "seed": recipe.seed,
+        "stage": stage.name,
+        "kind": stage.kind,
+        "index": index,
+        "status": "done",
+        "config": stage.model_dump(mode="json"),
+        "config_digest": cfg_digest,
+        "input_digest": input_digest,
+        "output_digest": dir_digest(partial),
+        "evaluation_digest": eval_digest,
+        "artifact": result.artifact,
+        "artifact_format": stage.produces,
+        "artifact_path": str(final / result.artifact),
+        "teacher_path": str(teacher_dir),
+        "stage_metrics": result.metrics,
+        "metrics": metrics,
+        "gates": [],
+        "started": started,
+        "finished": now(),
+        "seconds": seconds,
+        "versions": library_versions(),
+        "seed": recipe.seed,
     }
     write_json_atomic(partial / MANIFEST, manifest)
     commit_partial(layout, index, stage.name)

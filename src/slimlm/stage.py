@@ -7,9 +7,10 @@ format it consumes and produces, and the metrics it reports itself; the runner d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,7 +45,7 @@ class Gate(Strict):
     max_ratio: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _bounds(self) -> "Gate":
+    def _bounds(self) -> Gate:
         if all(v is None for v in (self.min, self.max, self.min_ratio, self.max_ratio)):
             raise ValueError("a gate needs at least one bound: min, max, min_ratio or max_ratio")
         ratio = self.min_ratio is not None or self.max_ratio is not None
@@ -59,8 +60,10 @@ class StageConfig(Strict):
     """Fields every stage has. Subclasses add `kind: Literal[...]` and their own options."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    input: str | None = Field(None, description="an earlier stage (or 'teacher') whose artifact this stage takes; "
-                                                "default: the stage just before")
+    input: str | None = Field(
+        None,
+        description="an earlier stage (or 'teacher') whose artifact this stage takes; default: the stage just before",
+    )
     gates: list[Gate] = []
 
     consumes: ClassVar[frozenset[str]] = frozenset({HF})
@@ -81,12 +84,12 @@ class StageConfig(Strict):
 class StageContext:
     """What the runner hands a stage."""
 
-    recipe: "Recipe"
+    recipe: Recipe
     input_dir: Path  # the previous stage's artifact (the teacher for the first stage)
     teacher_dir: Path
     output_dir: Path  # an empty folder; write the artifact here
     work_dir: Path  # checkpoints; kept across interrupted attempts of this exact config and input
-    data: "DataStore"
+    data: DataStore
     device: str
     seed: int
     previous_metrics: dict[str, Any] = field(default_factory=dict)

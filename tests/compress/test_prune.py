@@ -106,12 +106,17 @@ def test_layer_removal_loss_is_per_layer(tiny_llama):
 @needs_shared(STORIES)
 def test_stories260k_saved_logits_equal_in_memory(tmp_path):
     model, tokenizer = _load(STORIES)
-    text = (STORIES.parent.parent / "data" / "tinystories" / "tinystories_val.txt")
+    text = STORIES.parent.parent / "data" / "tinystories" / "tinystories_val.txt"
     ids = tokenizer(text.read_text()[:4000] if text.exists() else "Once upon a time", return_tensors="pt").input_ids
     blocks = ids[:, : (ids.shape[1] // 64) * 64].view(-1, 64)[:4]
     base = Shape.of(model.config)
-    shape = Shape(hidden=base.hidden // 2, ffn=base.ffn // 2, heads=base.heads // 2 or 1,
-                  kv_heads=min(base.kv_heads, base.heads // 2 or 1), layers=base.layers - 1)
+    shape = Shape(
+        hidden=base.hidden // 2,
+        ffn=base.ffn // 2,
+        heads=base.heads // 2 or 1,
+        kv_heads=min(base.kv_heads, base.heads // 2 or 1),
+        layers=base.layers - 1,
+    )
     pruned = _prune(model, blocks, shape)
     pruned.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()

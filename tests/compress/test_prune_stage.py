@@ -46,21 +46,30 @@ def test_budget_search_fits_the_budget_and_reports_candidates(tmp_path, tiny_lla
     assert parameter_counts(model)["params"] == params
 
 
-@pytest.mark.parametrize("width,depth", [("magnitude", "contiguous"), ("random", "perplexity"),
-                                         ("activation", "block_importance")])
+@pytest.mark.parametrize(
+    "width,depth", [("magnitude", "contiguous"), ("random", "perplexity"), ("activation", "block_importance")]
+)
 def test_methods_are_usable_from_recipes(tmp_path, tiny_llama, width, depth):
-    run(tmp_path, tiny_llama, "{ffn: 64, layers: 3}", f"stages.prune.width.method={width}",
-        f"stages.prune.depth.method={depth}")
+    run(
+        tmp_path,
+        tiny_llama,
+        "{ffn: 64, layers: 3}",
+        f"stages.prune.width.method={width}",
+        f"stages.prune.depth.method={depth}",
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "01-prune" / "model")
     assert model.config.num_hidden_layers == 3 and model.config.intermediate_size == 64
 
 
-@pytest.mark.parametrize("target,overrides,message", [
-    ("{hidden: 128}", [], "field 'target.hidden': 128 is larger than the model's 64"),
-    ("{heads: 3}", [], "field 'target.heads': 3 query heads do not divide evenly into 2 key/value groups"),
-    ("{params: 0.01}", [], "field 'target.params': no shape with widths in multiples of 8 fits"),
-    ("{params: 100000000}", [], "field 'target.params': 100,000,000 is more than the model's"),
-])
+@pytest.mark.parametrize(
+    "target,overrides,message",
+    [
+        ("{hidden: 128}", [], "field 'target.hidden': 128 is larger than the model's 64"),
+        ("{heads: 3}", [], "field 'target.heads': 3 query heads do not divide evenly into 2 key/value groups"),
+        ("{params: 0.01}", [], "field 'target.params': no shape with widths in multiples of 8 fits"),
+        ("{params: 100000000}", [], "field 'target.params': 100,000,000 is more than the model's"),
+    ],
+)
 def test_impossible_targets_are_one_line_errors(tmp_path, tiny_llama, target, overrides, message):
     with pytest.raises(RecipeError, match=message) as e:
         run(tmp_path, tiny_llama, target, *overrides)
@@ -76,5 +85,7 @@ def test_unsupported_family_names_the_supported_ones(tmp_path, tokenizer_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=512)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(UnsupportedModelError, match="model type 'gpt2' is not supported for pruning; supported: gemma2"):
+    with pytest.raises(
+        UnsupportedModelError, match="model type 'gpt2' is not supported for pruning; supported: gemma2"
+    ):
         run(tmp_path, tmp_path / "gpt2", "{ffn: 64}")

@@ -125,14 +125,23 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_llama, tmp_
 
 
 def test_full_finetuning_with_hidden_state_loss_and_projection(tiny_llama, tmp_path):
-    _run(tmp_path, tiny_llama, "run", "stages.prune.target={hidden: 48, layers: 3}", "stages.distill.method=full",
-         "stages.distill.loss={logits: forward_kl, hidden: cosine, ce_weight: 0.5, top_k: 8}", "stages.distill.steps=3")
+    _run(
+        tmp_path,
+        tiny_llama,
+        "run",
+        "stages.prune.target={hidden: 48, layers: 3}",
+        "stages.distill.method=full",
+        "stages.distill.loss={logits: forward_kl, hidden: cosine, ce_weight: 0.5, top_k: 8}",
+        "stages.distill.steps=3",
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "02-distill" / "model")
     assert model.config.hidden_size == 48
 
 
 def test_bad_distill_input_is_one_line(tiny_llama, tokenizer_dir, tmp_path):
-    with pytest.raises(RecipeError, match=r"field 'lora.target_modules': \['qkv'\] not found in the model; its linear layers are"):
+    with pytest.raises(
+        RecipeError, match=r"field 'lora.target_modules': \['qkv'\] not found in the model; its linear layers are"
+    ):
         _run(tmp_path, tiny_llama, "a", "stages.distill.lora.target_modules=[qkv]")
     with pytest.raises(RecipeError, match="field 'tokens': 10 tokens is less than one optimizer step"):
         _run(tmp_path, tiny_llama, "b", "stages.distill.steps=null", "stages.distill.tokens=10")
@@ -151,3 +160,62 @@ def test_bad_distill_input_is_one_line(tiny_llama, tokenizer_dir, tmp_path):
     check_tokenizers(same, AutoTokenizer.from_pretrained(tokenizer_dir))
     with pytest.raises(SourceError, match="tokenizers differ"):
         check_tokenizers(same, AutoTokenizer.from_pretrained(other))
+
+
+def test_distill_on_teacher_generated_text_is_cached(tiny_llama, tmp_path, monkeypatch):
+    from slimlm.sources import models
+
+    recipe = (
+        RECIPE.format(model=tiny_llama)
+        .replace(
+            '  train: {source: "builtin:python-docs", split: train, seq_len: 32, samples: 16}',
+            '  prompts: {source: "builtin:python-docs", split: train}\n'
+            "  train: {source: generate, seq_len: 32, generate: {prompts: prompts, tokens: 400, max_new_tokens: 24, batch_size: 4}}",
+        )
+        .replace("    calibration: train", "    calibration: prompts")
+    )
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe)
+    run_recipe(load_recipe(path, ["stages.distill.steps=2"]), tmp_path / "run")
+    cached = list((tmp_path / "run" / "generated").glob("generated-*.jsonl"))
+    assert len(cached) == 1
+    docs = [json.loads(line)["text"] for line in cached[0].read_text().splitlines()]
+    assert len(docs) >= 400 // 24 and all(docs)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("generated again instead of reading the cache")
+
+    monkeypatch.setattr(models, "load_model", no_sampling)  # generate.py looks it up at call time
+    run_recipe(load_recipe(path, ["stages.distill.steps=3"]), tmp_path / "run")  # distill re-runs, text is reused
+
+
+def test_generate_needs_its_section(tiny_llama, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        RECIPE.format(model=tiny_llama).replace(
+            '  train: {source: "builtin:python-docs", split: train, seq_len: 32, samples: 16}',
+            "  train: {source: generate}",
+        )
+    )
+    with pytest.raises(RecipeError, match="`source: generate` goes with a `generate:` section"):
+        load_recipe(path)
+
+
+def test_teacher_correction_becomes_the_teacher_of_later_stages(tiny_llama, tmp_path):
+    recipe = RECIPE.format(model=tiny_llama).replace(
+        "stages:\n",
+        (
+            "stages:\n"
+            "  - {name: correct, kind: distill, data: train, method: full, steps: 2, becomes_teacher: true,\n"
+            "     loss: {logits: none, ce_weight: 1.0}, checkpoint_every: 0}\n"
+        ),
+    )
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe)
+    run_recipe(load_recipe(path), tmp_path / "run")
+    corrected = json.loads((tmp_path / "run" / "01-correct" / "manifest.json").read_text())
+    distilled = json.loads((tmp_path / "run" / "03-distill" / "manifest.json").read_text())
+    assert corrected["teacher_path"] != corrected["artifact_path"]
+    assert distilled["teacher_path"] == corrected["artifact_path"]
+    pruned = json.loads((tmp_path / "run" / "02-prune" / "manifest.json").read_text())
+    assert pruned["input_digest"] == corrected["output_digest"]

@@ -43,8 +43,14 @@ def test_parameter_counts_count_tied_weights_once(tiny_models):
 
 
 def test_gates_absolute_and_relative():
-    teacher, previous, stage = {"perplexity": 10.0}, {"perplexity": 12.0}, {"perplexity": 14.0, "agreement": {"top1": 0.9}}
-    assert check_gate(Gate(metric="perplexity", max_ratio=1.5, relative_to="teacher"), stage, teacher, previous)["passed"]
+    teacher, previous, stage = (
+        {"perplexity": 10.0},
+        {"perplexity": 12.0},
+        {"perplexity": 14.0, "agreement": {"top1": 0.9}},
+    )
+    assert check_gate(Gate(metric="perplexity", max_ratio=1.5, relative_to="teacher"), stage, teacher, previous)[
+        "passed"
+    ]
     verdict = check_gate(Gate(metric="perplexity", max_ratio=1.1, relative_to="previous"), stage, teacher, previous)
     assert not verdict["passed"] and verdict["reference"] == 12.0 and verdict["bounds"] == ["<= 13.2"]
     assert check_gate(Gate(metric="agreement.top1", min=0.85), stage, teacher, previous)["passed"]

@@ -39,8 +39,13 @@ def test_bnb_output_reloads_and_generates(bits, tiny_llama, tmp_path):
 
 def test_stages_after_bitsandbytes_are_refused(tiny_llama, tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(RECIPE.format(model=tiny_llama, bits=8).replace(
-        "data:", "  - {name: export, kind: export, parity: null}\ndata:"))
-    with pytest.raises(RecipeError, match="kind export needs a hf artifact, but it follows stage 'quantize', "
-                                          "which produces hf-quantized"):
+    path.write_text(
+        RECIPE.format(model=tiny_llama, bits=8).replace(
+            "data:", "  - {name: export, kind: export, parity: null}\ndata:"
+        )
+    )
+    with pytest.raises(
+        RecipeError,
+        match="kind export needs a hf artifact, but it follows stage 'quantize', which produces hf-quantized",
+    ):
         load_recipe(path)

@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import pytest
 import torch
+from onnx import numpy_helper
 from transformers import AutoModelForCausalLM
 
 from slimlm.edge import EdgeModel
@@ -44,8 +44,13 @@ def test_fp32_onnx_matches_pytorch_over_prompt_and_cached_decode(family, tiny_mo
     np.testing.assert_allclose(edge.logits(np.array([prompt])), ref, atol=1e-4, rtol=0)
     # 16 cached decode steps: greedy tokens identical, and each step's logits match a full recompute.
     with torch.no_grad():
-        expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+        expected = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=16,
+            min_new_tokens=16,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )[0, len(prompt) :].tolist()
     edge.eos_ids = set()  # compare all 16 steps even if EOS comes up
     produced = list(edge.generate_ids(prompt, 16))
     assert produced == expected
@@ -64,9 +69,11 @@ def test_layout_is_what_optimum_expects(exported):
 
 
 def test_edge_runtime_never_imports_torch(exported):
-    code = (f"import sys; from slimlm.edge import EdgeModel; m = EdgeModel({str(exported['llama'])!r}); "
-            "out = ''.join(m.stream('def f', max_new_tokens=4)); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules); print('ok')")
+    code = (
+        f"import sys; from slimlm.edge import EdgeModel; m = EdgeModel({str(exported['llama'])!r}); "
+        "out = ''.join(m.stream('def f', max_new_tokens=4)); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules); print('ok')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
@@ -124,9 +131,11 @@ def test_exporting_a_bitsandbytes_model_is_refused(tiny_llama, tmp_path):
 
 
 def test_generate_command_streams_without_torch(exported):
-    code = ("import sys; from slimlm.cli import app; "
-            f"app(['generate', {str(exported['llama'])!r}, 'def f', '--max-new-tokens', '3'], standalone_mode=False); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys; from slimlm.cli import app; "
+        f"app(['generate', {str(exported['llama'])!r}, 'def f', '--max-new-tokens', '3'], standalone_mode=False); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("def f") and "tokens/s" in proc.stderr
@@ -134,8 +143,11 @@ def test_generate_command_streams_without_torch(exported):
 
 def test_onnxruntime_genai_format_builds_and_runs_on_the_edge_runtime(tiny_llama, tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(RECIPE.format(model=tiny_llama, quantize="int4", min_agreement=0.3).replace(
-        "    quantize: int4", "    quantize: int4\n    format: onnx-genai"))
+    path.write_text(
+        RECIPE.format(model=tiny_llama, quantize="int4", min_agreement=0.3).replace(
+            "    quantize: int4", "    quantize: int4\n    format: onnx-genai"
+        )
+    )
     run_recipe(load_recipe(path), tmp_path / "run")
     out = tmp_path / "run" / "01-export" / "onnx"
     assert (out / "genai_config.json").is_file()
@@ -149,7 +161,10 @@ def test_onnxruntime_genai_refuses_head_dim_not_divisible_by_16(tokenizer_dir, t
 
     model = build_tiny("llama", tokenizer_dir, tmp_path / "hd8", head_dim=8)
     path = tmp_path / "r.yaml"
-    path.write_text(RECIPE.format(model=model, quantize="int4", min_agreement=0.3).replace(
-        "    quantize: int4", "    quantize: int4\n    format: onnx-genai"))
+    path.write_text(
+        RECIPE.format(model=model, quantize="int4", min_agreement=0.3).replace(
+            "    quantize: int4", "    quantize: int4\n    format: onnx-genai"
+        )
+    )
     with pytest.raises(UnsupportedModelError, match="needs head_dim divisible by 16, and this model's is 8"):
         run_recipe(load_recipe(path), tmp_path / "run")

@@ -21,11 +21,17 @@ def test_local_model_dir_resolves(tiny_llama):
     assert resolve_model(str(tiny_llama)) == tiny_llama.resolve()
 
 
-@pytest.mark.parametrize("setup,message", [
-    (lambda d: None, "has no config.json"),
-    (lambda d: (d / "config.json").write_text("{}"), "has no weights"),
-    (lambda d: ((d / "config.json").write_text("{}"), (d / "pytorch_model.bin").write_bytes(b"x")), "only pickle checkpoints"),
-])
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        (lambda d: None, "has no config.json"),
+        (lambda d: (d / "config.json").write_text("{}"), "has no weights"),
+        (
+            lambda d: ((d / "config.json").write_text("{}"), (d / "pytorch_model.bin").write_bytes(b"x")),
+            "only pickle checkpoints",
+        ),
+    ],
+)
 def test_directories_that_are_not_usable_models_are_refused(tmp_path, setup, message):
     setup(tmp_path)
     with pytest.raises(SourceError, match=message):

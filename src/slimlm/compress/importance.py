@@ -53,8 +53,15 @@ def _hidden_norms(layer) -> list[torch.nn.Module]:
 
 
 @torch.inference_mode()
-def collect_importance(model, blocks: torch.Tensor, *, sequence: Aggregation = "mean", batch: Aggregation = "l2",
-                       batch_size: int = 4, progress=None) -> Importance:
+def collect_importance(
+    model,
+    blocks: torch.Tensor,
+    *,
+    sequence: Aggregation = "mean",
+    batch: Aggregation = "l2",
+    batch_size: int = 4,
+    progress=None,
+) -> Importance:
     config = model.config
     layers = arch.layers(model)
     n_layers, n_heads, hd = len(layers), config.num_attention_heads, arch.head_dim(config)
@@ -68,6 +75,7 @@ def collect_importance(model, blocks: torch.Tensor, *, sequence: Aggregation = "
         def hook(module, args):
             x = args[0]
             heads[i].add(x.view(*x.shape[:-1], n_heads, hd).norm(dim=-1))
+
         return hook
 
     def on_mlp(i):
@@ -79,6 +87,7 @@ def collect_importance(model, blocks: torch.Tensor, *, sequence: Aggregation = "
     def on_layer_input(i):
         def hook(module, args, kwargs):
             boundary[i] = unit_rows(args[0] if args else kwargs["hidden_states"])
+
         return hook
 
     def on_last_output(module, args, kwargs, output):
@@ -100,12 +109,12 @@ def collect_importance(model, blocks: torch.Tensor, *, sequence: Aggregation = "
         for start in progress(order, "importance") if progress else order:
             # The decoder alone: the LM head's [batch, seq, vocab] logits are not needed for any score.
             model.model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
-            for l in range(n_layers):
-                for n in range(1, n_layers - l + 1):  # one [tokens] vector at a time keeps the peak small
-                    cos = (boundary[l] * boundary[l + n]).sum(-1).clamp(-1, 1)
-                    cos_sum[l, n] += torch.arccos(cos).sum().double() / torch.pi
+            for first in range(n_layers):
+                for n in range(1, n_layers - first + 1):  # one [tokens] vector at a time keeps the peak small
+                    cos = (boundary[first] * boundary[first + n]).sum(-1).clamp(-1, 1)
+                    cos_sum[first, n] += torch.arccos(cos).sum().double() / torch.pi
                     if n == 1:
-                        cos_sum[l, 0] += (1 - cos).sum().double()  # Block Importance uses 1 - cos
+                        cos_sum[first, 0] += (1 - cos).sum().double()  # Block Importance uses 1 - cos
             tokens += boundary[0].shape[0]
     finally:
         for h in handles:
@@ -115,8 +124,11 @@ def collect_importance(model, blocks: torch.Tensor, *, sequence: Aggregation = "
     block = angular[:, 0].clone()
     angular[:, 0] = 0.0
     return Importance(
-        heads=torch.stack([a.result() for a in heads]), mlp=torch.stack([a.result() for a in mlp]),
-        hidden=hidden.result(), block=block, angular=angular,
+        heads=torch.stack([a.result() for a in heads]),
+        mlp=torch.stack([a.result() for a in mlp]),
+        hidden=hidden.result(),
+        block=block,
+        angular=angular,
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -16,13 +16,25 @@ def _options(full: int, step: int, floor_fraction: float = 0.4) -> list[int]:
     return sorted({*range(low, full, step), full})
 
 
-def candidate_shapes(base: Shape, *, axes: set[str], depth: bool, round_to: int, budget: int, tolerance: float,
-                     count: Callable[[Shape], int], limit: int) -> list[tuple[Shape, int]]:
+def candidate_shapes(
+    base: Shape,
+    *,
+    axes: set[str],
+    depth: bool,
+    round_to: int,
+    budget: int,
+    tolerance: float,
+    count: Callable[[Shape], int],
+    limit: int,
+) -> list[tuple[Shape, int]]:
     """Shapes within ±tolerance of `budget` parameters; at most `limit`, spread over hidden sizes."""
     hidden = _options(base.hidden, round_to) if "hidden" in axes else [base.hidden]
     ffn = _options(base.ffn, round_to) if "mlp" in axes else [base.ffn]
-    heads = [h for h in range(base.kv_heads, base.heads + 1, base.kv_heads) if h >= base.heads * 0.4] \
-        if "heads" in axes else [base.heads]
+    heads = (
+        [h for h in range(base.kv_heads, base.heads + 1, base.kv_heads) if h >= base.heads * 0.4]
+        if "heads" in axes
+        else [base.heads]
+    )
     layers = list(range(max(1, math.ceil(base.layers * 0.4)), base.layers + 1)) if depth else [base.layers]
     best_per_hidden: dict[int, tuple[Shape, int]] = {}
     for h in hidden:

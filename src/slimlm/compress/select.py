@@ -21,8 +21,15 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores.float(), k).indices.sort().values
 
 
-def choose_layers(n_layers: int, keep: int, method: DepthMethod, *, block: torch.Tensor | None = None,
-                  angular: torch.Tensor | None = None, removal_loss: torch.Tensor | None = None) -> list[int]:
+def choose_layers(
+    n_layers: int,
+    keep: int,
+    method: DepthMethod,
+    *,
+    block: torch.Tensor | None = None,
+    angular: torch.Tensor | None = None,
+    removal_loss: torch.Tensor | None = None,
+) -> list[int]:
     """Indices of the layers to keep."""
     drop = n_layers - keep
     if drop <= 0:
@@ -38,8 +45,9 @@ def choose_layers(n_layers: int, keep: int, method: DepthMethod, *, block: torch
     raise ValueError(method)
 
 
-def select_plan(config, shape: Shape, layers: list[int], heads: torch.Tensor, mlp: torch.Tensor,
-                hidden: torch.Tensor) -> KeepPlan:
+def select_plan(
+    config, shape: Shape, layers: list[int], heads: torch.Tensor, mlp: torch.Tensor, hidden: torch.Tensor
+) -> KeepPlan:
     """Keep the highest-scoring channels; query heads are ranked within their key/value group (GQA)."""
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     group = n_heads // n_kv
@@ -58,13 +66,19 @@ def magnitude_scores(model) -> dict[str, torch.Tensor]:
     """Baseline: L1 norm of the weights that read or write each head, MLP channel and hidden channel."""
     config = model.config
     n_layers, n_heads, hd = config.num_hidden_layers, config.num_attention_heads, arch.head_dim(config)
-    scores = {"heads": torch.zeros(n_layers, n_heads), "mlp": torch.zeros(n_layers, config.intermediate_size),
-              "hidden": torch.zeros(config.hidden_size)}
+    scores = {
+        "heads": torch.zeros(n_layers, n_heads),
+        "mlp": torch.zeros(n_layers, config.intermediate_size),
+        "hidden": torch.zeros(config.hidden_size),
+    }
     for name, weight in model.state_dict().items():
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
         for axis, dim in weight_axes(name).items():
-            l1 = weight.detach().float().abs().transpose(0, axis).reshape(weight.shape[axis], -1).sum(-1) \
-                if weight.dim() > 1 else weight.detach().float().abs()
+            l1 = (
+                weight.detach().float().abs().transpose(0, axis).reshape(weight.shape[axis], -1).sum(-1)
+                if weight.dim() > 1
+                else weight.detach().float().abs()
+            )
             if dim == "hidden":
                 scores["hidden"] += l1
             elif dim == "ffn":
@@ -82,6 +96,8 @@ def magnitude_scores(model) -> dict[str, torch.Tensor]:
 def random_scores(config, seed: int) -> dict[str, torch.Tensor]:
     """Baseline: uniformly random channel scores."""
     g = torch.Generator().manual_seed(seed)
-    return {"heads": torch.rand(config.num_hidden_layers, config.num_attention_heads, generator=g),
-            "mlp": torch.rand(config.num_hidden_layers, config.intermediate_size, generator=g),
-            "hidden": torch.rand(config.hidden_size, generator=g)}
+    return {
+        "heads": torch.rand(config.num_hidden_layers, config.num_attention_heads, generator=g),
+        "mlp": torch.rand(config.num_hidden_layers, config.intermediate_size, generator=g),
+        "hidden": torch.rand(config.hidden_size, generator=g),
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -13,7 +14,7 @@ from slimlm import arch
 from slimlm.compress.importance import collect_importance, layer_removal_loss
 from slimlm.compress.search import candidate_shapes, kl_to_teacher, lm_loss
 from slimlm.compress.select import DepthMethod, choose_layers, magnitude_scores, random_scores, select_plan
-from slimlm.compress.surgery import Shape, predict_parameters, prune_model
+from slimlm.compress.surgery import KeepPlan, Shape, predict_parameters, prune_model
 from slimlm.errors import RecipeError
 from slimlm.progress import status, track
 from slimlm.sources.models import load_model, load_model_owned, load_tokenizer, save_model
@@ -34,7 +35,7 @@ class PruneTarget(Strict):
     layers: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "PruneTarget":
+    def _one_kind(self) -> PruneTarget:
         budgets = [b for b in (self.params, self.nonembedding_params) if b is not None]
         sizes = [getattr(self, f) for f in SIZE_FIELDS if getattr(self, f) is not None]
         if len(budgets) > 1:
@@ -89,12 +90,22 @@ def explicit_shape(config: PruneConfig, base: Shape) -> Shape:
     shape = base.replace(**{f: getattr(target, f) for f in SIZE_FIELDS})
     for field in SIZE_FIELDS:
         if getattr(shape, field) > getattr(base, field):
-            raise _field_error(config, f"target.{field}", f"{getattr(shape, field)} is larger than the model's {getattr(base, field)}")
+            raise _field_error(
+                config, f"target.{field}", f"{getattr(shape, field)} is larger than the model's {getattr(base, field)}"
+            )
     if shape.heads % shape.kv_heads:
-        raise _field_error(config, "target.heads", f"{shape.heads} query heads do not divide evenly into {shape.kv_heads} key/value groups")
+        raise _field_error(
+            config,
+            "target.heads",
+            f"{shape.heads} query heads do not divide evenly into {shape.kv_heads} key/value groups",
+        )
     if shape.heads // shape.kv_heads > base.heads // base.kv_heads:
-        raise _field_error(config, "target.heads", f"{shape.heads} heads over {shape.kv_heads} groups needs more heads per group "
-                           f"than the model has ({base.heads // base.kv_heads})")
+        raise _field_error(
+            config,
+            "target.heads",
+            f"{shape.heads} heads over {shape.kv_heads} groups needs more heads per group "
+            f"than the model has ({base.heads // base.kv_heads})",
+        )
     return shape
 
 
@@ -106,74 +117,126 @@ def run(config: PruneConfig, context: StageContext) -> StageResult:
     arch.family_of(model.config)
     tokenizer = load_tokenizer(context.input_dir, trust_remote_code=trust)
     base = Shape.of(model.config)
-    budget_kind = "params" if config.target.params is not None else "nonembedding_params"
-    budget_value = config.target.params or config.target.nonembedding_params
-    shape = explicit_shape(config, base) if budget_value is None else None
-
+    shape = (
+        explicit_shape(config, base)
+        if config.target.params is None and config.target.nonembedding_params is None
+        else None
+    )
     blocks = context.data.blocks(config.calibration, tokenizer, bos_per_window=arch.needs_bos_per_window(model.config))
-    depth_method = config.depth.method if config.depth else "block_importance"
-    may_drop_layers = config.depth is not None or (shape is not None and shape.layers < base.layers)
 
     t0 = time.perf_counter()
-    scores, importance = None, None
+    plan_for = score(config, model, blocks, base, shape, context.seed)
+    importance_seconds = time.perf_counter() - t0
+    candidates = []
+    if shape is None:
+        shape, candidates = search(config, model, base, blocks, plan_for, context.device)
+
+    plan = plan_for(shape)
+    pruned = prune_model(model, plan, shape, consume=True)  # releases the source weights as it goes
+    save_model(pruned, tokenizer, context.output_dir / "model")
+    status(f"pruned to {dataclasses.asdict(shape)}, keeping layers {plan.layers}")
+    return StageResult(
+        artifact="model",
+        metrics={
+            "shape": dataclasses.asdict(shape),
+            "kept_layers": plan.layers,
+            "candidates": candidates,
+            "importance_seconds": round(importance_seconds, 3),
+            "calibration_tokens": int(blocks.numel()),
+            "proxy": config.search.proxy if candidates else None,
+        },
+    )
+
+
+def score(
+    config: PruneConfig, model, blocks: torch.Tensor, base: Shape, shape: Shape | None, seed: int
+) -> Callable[[Shape], KeepPlan]:
+    """Score channels and layers once; return a function from a target shape to the channels and layers kept."""
+    depth_method = config.depth.method if config.depth else "block_importance"
+    may_drop_layers = config.depth is not None or (shape is not None and shape.layers < base.layers)
+    importance = None
     if config.width.method == "activation" or may_drop_layers:
-        importance = collect_importance(model, blocks, sequence=config.width.sequence, batch=config.width.batch,
-                                        batch_size=config.batch_size, progress=track)
+        importance = collect_importance(
+            model,
+            blocks,
+            sequence=config.width.sequence,
+            batch=config.width.batch,
+            batch_size=config.batch_size,
+            progress=track,
+        )
     if config.width.method == "activation":
         scores = {"heads": importance.heads, "mlp": importance.mlp, "hidden": importance.hidden}
     elif config.width.method == "magnitude":
         scores = magnitude_scores(model)
     else:
-        scores = random_scores(model.config, context.seed)
+        scores = random_scores(model.config, seed)
     removal = None
     if may_drop_layers and depth_method == "perplexity":
-        removal = layer_removal_loss(model, blocks[: config.search.proxy_samples], batch_size=config.batch_size, progress=track)
-    importance_seconds = time.perf_counter() - t0
+        removal = layer_removal_loss(
+            model, blocks[: config.search.proxy_samples], batch_size=config.batch_size, progress=track
+        )
+    model_config = model.config
 
-    def plan_for(s: Shape):
-        kept = choose_layers(base.layers, s.layers, depth_method,
-                             block=importance.block if importance else None,
-                             angular=importance.angular if importance else None, removal_loss=removal)
-        return select_plan(model.config, s, kept, scores["heads"], scores["mlp"], scores["hidden"])
+    def plan_for(s: Shape) -> KeepPlan:
+        kept = choose_layers(
+            base.layers,
+            s.layers,
+            depth_method,
+            block=importance.block if importance else None,
+            angular=importance.angular if importance else None,
+            removal_loss=removal,
+        )
+        return select_plan(model_config, s, kept, scores["heads"], scores["mlp"], scores["hidden"])
 
+    return plan_for
+
+
+def search(
+    config: PruneConfig, model, base: Shape, blocks: torch.Tensor, plan_for: Callable[[Shape], KeepPlan], device: str
+) -> tuple[Shape, list[dict]]:
+    """The shapes that fit the budget, each pruned and ranked by the proxy; the best one wins."""
+    kind = "params" if config.target.params is not None else "nonembedding_params"
+    value = config.target.params or config.target.nonembedding_params
+    full = predict_parameters(model, base)[kind]
+    budget = round(value * full) if value <= 1 else round(value)
+    if budget > full:
+        raise _field_error(config, f"target.{kind}", f"{budget:,} is more than the model's {full:,} parameters")
+    found = candidate_shapes(
+        base,
+        axes=set(config.width.axes),
+        depth=config.depth is not None,
+        round_to=config.round_to,
+        budget=budget,
+        tolerance=config.search.tolerance,
+        limit=config.search.candidates,
+        count=lambda s: predict_parameters(model, s)[kind],
+    )
+    if not found:
+        raise _field_error(
+            config,
+            f"target.{kind}",
+            f"no shape with widths in multiples of {config.round_to} fits {budget:,} parameters "
+            f"(±{config.search.tolerance:.0%}); allow more axes or depth, lower round_to, or change the budget",
+        )
+    if len(found) == 1:
+        shape, params = found[0]
+        return shape, [{**dataclasses.asdict(shape), kind: params, "proxy": None}]
+    proxy_blocks = blocks[: config.search.proxy_samples]
+    teacher_logprobs = None
+    if config.search.proxy == "kl":
+        with torch.inference_mode():
+            logits = model(input_ids=proxy_blocks.to(device), use_cache=False).logits.float()
+            teacher_logprobs = torch.log_softmax(logits, -1)
     candidates = []
-    if shape is None:
-        full = predict_parameters(model, base)[budget_kind]
-        budget = round(budget_value * full) if budget_value <= 1 else round(budget_value)
-        if budget > full:
-            raise _field_error(config, f"target.{budget_kind}", f"{budget:,} is more than the model's {full:,} parameters")
-        found = candidate_shapes(base, axes=set(config.width.axes), depth=config.depth is not None, round_to=config.round_to,
-                                 budget=budget, tolerance=config.search.tolerance, limit=config.search.candidates,
-                                 count=lambda s: predict_parameters(model, s)[budget_kind])
-        if not found:
-            raise _field_error(config, f"target.{budget_kind}",
-                               f"no shape with widths in multiples of {config.round_to} fits {budget:,} parameters "
-                               f"(±{config.search.tolerance:.0%}); allow more axes or depth, lower round_to, or change the budget")
-        proxy_blocks = blocks[: config.search.proxy_samples]
-        teacher_logprobs = None
-        if config.search.proxy == "kl" and len(found) > 1:
-            with torch.inference_mode():
-                logits = model(input_ids=proxy_blocks.to(context.device), use_cache=False).logits.float()
-                teacher_logprobs = torch.log_softmax(logits, -1)
-        for s, params in track(found, "candidate shapes") if len(found) > 1 else found:
-            proxy = None
-            if len(found) > 1:
-                student = prune_model(model, plan_for(s), s)
-                proxy = kl_to_teacher(student, teacher_logprobs, proxy_blocks) if teacher_logprobs is not None \
-                    else lm_loss(student, proxy_blocks)
-                del student
-            candidates.append({**dataclasses.asdict(s), budget_kind: params, "proxy": proxy})
-            status(f"candidate {dataclasses.asdict(s)}: {budget_kind}={params:,} proxy={proxy}")
-        best = min(candidates, key=lambda c: c["proxy"] if c["proxy"] is not None else 0.0)
-        shape = Shape(**{f: best[f] for f in SIZE_FIELDS})
-
-    plan = plan_for(shape)
-    pruned = prune_model(model, plan, shape, consume=True)  # the source model is not needed after this
-    del model
-    save_model(pruned, tokenizer, context.output_dir / "model")
-    status(f"pruned to {dataclasses.asdict(shape)}, keeping layers {plan.layers}")
-    return StageResult(artifact="model", metrics={
-        "shape": dataclasses.asdict(shape), "kept_layers": plan.layers, "candidates": candidates,
-        "importance_seconds": round(importance_seconds, 3), "calibration_tokens": int(blocks.numel()),
-        "proxy": config.search.proxy if candidates else None,
-    })
+    for s, params in track(found, "candidate shapes"):
+        student = prune_model(model, plan_for(s), s)
+        proxy = (
+            kl_to_teacher(student, teacher_logprobs, proxy_blocks)
+            if teacher_logprobs is not None
+            else lm_loss(student, proxy_blocks)
+        )
+        del student
+        candidates.append({**dataclasses.asdict(s), kind: params, "proxy": proxy})
+        status(f"candidate {dataclasses.asdict(s)}: {kind}={params:,} proxy={proxy:.4g}")
+    best = min(candidates, key=lambda c: c["proxy"])
+    return Shape(**{f: best[f] for f in SIZE_FIELDS}), candidates

@@ -32,11 +32,16 @@ class Shape:
     layers: int
 
     @classmethod
-    def of(cls, config) -> "Shape":
-        return cls(config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                   config.num_key_value_heads, config.num_hidden_layers)
+    def of(cls, config) -> Shape:
+        return cls(
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.num_hidden_layers,
+        )
 
-    def replace(self, **changes) -> "Shape":
+    def replace(self, **changes) -> Shape:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -66,12 +71,17 @@ def weight_axes(name: str) -> dict[int, str]:
     module, _, kind = rest.rpartition(".")
     is_bias = kind == "bias"
     table = {
-        "self_attn.q_proj": {0: "q", 1: "hidden"}, "self_attn.k_proj": {0: "kv", 1: "hidden"},
-        "self_attn.v_proj": {0: "kv", 1: "hidden"}, "self_attn.o_proj": {0: "hidden", 1: "q"},
+        "self_attn.q_proj": {0: "q", 1: "hidden"},
+        "self_attn.k_proj": {0: "kv", 1: "hidden"},
+        "self_attn.v_proj": {0: "kv", 1: "hidden"},
+        "self_attn.o_proj": {0: "hidden", 1: "q"},
         "self_attn.qkv_proj": {0: "qkv", 1: "hidden"},
-        "mlp.gate_proj": {0: "ffn", 1: "hidden"}, "mlp.up_proj": {0: "ffn", 1: "hidden"},
-        "mlp.down_proj": {0: "hidden", 1: "ffn"}, "mlp.gate_up_proj": {0: "gate_up", 1: "hidden"},
-        "self_attn.q_norm": {}, "self_attn.k_norm": {},  # per head_dim: untouched by head pruning
+        "mlp.gate_proj": {0: "ffn", 1: "hidden"},
+        "mlp.up_proj": {0: "ffn", 1: "hidden"},
+        "mlp.down_proj": {0: "hidden", 1: "ffn"},
+        "mlp.gate_up_proj": {0: "gate_up", 1: "hidden"},
+        "self_attn.q_norm": {},
+        "self_attn.k_norm": {},  # per head_dim: untouched by head pruning
     }
     if module in table:
         axes = table[module]
@@ -124,9 +134,17 @@ def predict_parameters(model, shape: Shape) -> dict[str, int]:
     """Exact parameter counts of `model` pruned to `shape`, from the axis rules (no model is built)."""
     config = model.config
     hd = arch.head_dim(config)
-    sizes = {"hidden": shape.hidden, "ffn": shape.ffn, "gate_up": 2 * shape.ffn, "q": shape.heads * hd,
-             "kv": shape.kv_heads * hd, "qkv": (shape.heads + 2 * shape.kv_heads) * hd}
-    embedding_ids = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    sizes = {
+        "hidden": shape.hidden,
+        "ffn": shape.ffn,
+        "gate_up": 2 * shape.ffn,
+        "q": shape.heads * hd,
+        "kv": shape.kv_heads * hd,
+        "qkv": (shape.heads + 2 * shape.kv_heads) * hd,
+    }
+    embedding_ids = {
+        id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+    }
     total = embedding = 0
     for name, p in model.named_parameters():  # shared (tied) parameters appear once
         layer = LAYER_KEY.match(name)

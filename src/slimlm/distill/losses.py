@@ -27,10 +27,14 @@ def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float 
     return (s.exp() * (s - t)).sum(-1).mean() * temperature**2
 
 
-def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+def generalized_jsd(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, beta: float = 0.5
+) -> torch.Tensor:
     """Generalised Jensen-Shannon divergence (Agarwal et al., GKD): beta=0.5 is the symmetric JSD."""
     t, s = _log_probs(teacher, temperature), _log_probs(student, temperature)
-    mixture = torch.logsumexp(torch.stack([t + torch.log(torch.tensor(beta)), s + torch.log(torch.tensor(1 - beta))]), 0)
+    mixture = torch.logsumexp(
+        torch.stack([t + torch.log(torch.tensor(beta)), s + torch.log(torch.tensor(1 - beta))]), 0
+    )
     kl_t = (t.exp() * (t - mixture)).sum(-1)
     kl_s = (s.exp() * (s - mixture)).sum(-1)
     return (beta * kl_t + (1 - beta) * kl_s).mean() * temperature**2

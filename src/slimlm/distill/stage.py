@@ -32,7 +32,7 @@ class LossOptions(Strict):
     hidden_weight: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
-    def _some_loss(self) -> "LossOptions":
+    def _some_loss(self) -> LossOptions:
         if self.logits == "none" and self.ce_weight == 0 and self.hidden is None:
             raise ValueError("the loss is empty: set logits, ce_weight or hidden")
         return self
@@ -62,14 +62,21 @@ class DistillConfig(StageConfig):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints; 0 disables them")
+    becomes_teacher: bool = Field(
+        False, description="teacher correction: later stages use this output as their teacher"
+    )
 
     metrics = frozenset({"train_loss", "train_tokens", "tokens_per_second"})
 
     @model_validator(mode="after")
-    def _budget(self) -> "DistillConfig":
+    def _budget(self) -> DistillConfig:
         if (self.tokens is None) == (self.steps is None):
             raise ValueError("give exactly one budget: tokens or steps")
         return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.loss.logits != "none" or self.loss.hidden is not None
 
     def data_references(self) -> dict[str, str]:
         return {"data": self.data}
@@ -89,8 +96,10 @@ class Student(torch.nn.Module):
 
 def check_tokenizers(student_tok, teacher_tok) -> None:
     if student_tok.get_vocab() != teacher_tok.get_vocab():
-        raise SourceError("the student's and the teacher's tokenizers differ, so their logits cannot be compared; "
-                          "distill only into a model derived from the teacher (or one with the same tokenizer)")
+        raise SourceError(
+            "the student's and the teacher's tokenizers differ, so their logits cannot be compared; "
+            "distill only into a model derived from the teacher (or one with the same tokenizer)"
+        )
 
 
 def run(config: DistillConfig, context: StageContext) -> StageResult:
@@ -99,36 +108,53 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
     check_tokenizers(tokenizer, load_tokenizer(context.teacher_dir, trust_remote_code=trust))
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=context.device == "cpu")
     student = load_model(context.input_dir, dtype="float32", device="cpu", trust_remote_code=trust)
-    teacher = load_model(context.teacher_dir, dtype=config.teacher_dtype or recipe.dtype, device=str(accelerator.device),
-                         trust_remote_code=trust)
-    teacher.requires_grad_(False)
-    vocab = min(student.config.vocab_size, teacher.config.vocab_size)  # vocabularies may differ by padding only
+    teacher = None
+    vocab = student.config.vocab_size
+    if config.needs_teacher:  # cross-entropy alone (e.g. teacher correction) trains without one
+        teacher = load_model(
+            context.teacher_dir,
+            dtype=config.teacher_dtype or recipe.dtype,
+            device=str(accelerator.device),
+            trust_remote_code=trust,
+        )
+        teacher.requires_grad_(False)
+        vocab = min(student.config.vocab_size, teacher.config.vocab_size)  # vocabularies may differ by padding only
 
     blocks = context.data.blocks(config.data, tokenizer, bos_per_window=arch.needs_bos_per_window(student.config))
     world = accelerator.num_processes
     tokens_per_step = config.batch_size * world * config.grad_accum * blocks.shape[1]
     if config.tokens is not None and config.tokens < tokens_per_step:
-        raise _field_error(config, "tokens", f"{config.tokens:,} tokens is less than one optimizer step "
-                           f"({tokens_per_step:,} = batch_size x processes x grad_accum x seq_len)")
+        raise _field_error(
+            config,
+            "tokens",
+            f"{config.tokens:,} tokens is less than one optimizer step "
+            f"({tokens_per_step:,} = batch_size x processes x grad_accum x seq_len)",
+        )
     steps = config.steps or config.tokens // tokens_per_step
 
     if config.method == "lora":
         student = _with_lora(student, config)
     projections = None
-    mapping = layer_mapping(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     if config.loss.hidden:
+        mapping = layer_mapping(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
         s_width, t_width = student.config.hidden_size, teacher.config.hidden_size
         projections = torch.nn.ModuleList(
-            [torch.nn.Identity() if s_width == t_width else torch.nn.Linear(s_width, t_width, bias=False) for _ in mapping])
+            [
+                torch.nn.Identity() if s_width == t_width else torch.nn.Linear(s_width, t_width, bias=False)
+                for _ in mapping
+            ]
+        )
     module = Student(student, projections)
     loss = config.loss
 
     def loss_fn(m: Student, ids: torch.Tensor) -> torch.Tensor:
         want_hidden = loss.hidden is not None
-        with torch.no_grad():
-            t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
         s_out = m.model(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
-        s_logits, t_logits = s_out.logits[..., :vocab], t_out.logits[..., :vocab]
+        s_logits = s_out.logits[..., :vocab]
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
+            t_logits = t_out.logits[..., :vocab]
         total = torch.zeros((), device=ids.device)
         if loss.logits != "none":
             s_flat, t_flat = s_logits.reshape(-1, vocab), t_logits.reshape(-1, vocab)
@@ -139,17 +165,32 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
             total = total + fn(s_flat, t_flat, loss.temperature, **kwargs)
         if loss.ce_weight:
             total = total + loss.ce_weight * torch.nn.functional.cross_entropy(
-                s_logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1))
+                s_logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1)
+            )
         if want_hidden:
-            pairs = [(m.projections[k](s_out.hidden_states[i + 1]), t_out.hidden_states[j + 1])
-                     for k, (i, j) in enumerate(mapping)]
-            total = total + loss.hidden_weight * sum(hidden_state_loss(s, t, loss.hidden) for s, t in pairs) / len(pairs)
+            pairs = [
+                (m.projections[k](s_out.hidden_states[i + 1]), t_out.hidden_states[j + 1])
+                for k, (i, j) in enumerate(mapping)
+            ]
+            total = total + loss.hidden_weight * sum(hidden_state_loss(s, t, loss.hidden) for s, t in pairs) / len(
+                pairs
+            )
         return total
 
-    plan = TrainPlan(steps=steps, batch_size=config.batch_size, grad_accum=config.grad_accum, lr=config.lr,
-                     schedule=config.schedule, warmup_fraction=config.warmup, max_grad_norm=config.max_grad_norm,
-                     checkpoint_every=config.checkpoint_every, seed=context.seed)
-    status(f"{steps} optimizer steps of {tokens_per_step:,} tokens ({config.method}); checkpoints in {context.work_dir}")
+    plan = TrainPlan(
+        steps=steps,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        lr=config.lr,
+        schedule=config.schedule,
+        warmup_fraction=config.warmup,
+        max_grad_norm=config.max_grad_norm,
+        checkpoint_every=config.checkpoint_every,
+        seed=context.seed,
+    )
+    status(
+        f"{steps} optimizer steps of {tokens_per_step:,} tokens ({config.method}); checkpoints in {context.work_dir}"
+    )
     log = train(module, loss_fn, blocks, plan, accelerator, context.work_dir, progress=track)
     if log.resumed_from:
         status(f"resumed from the checkpoint at step {log.resumed_from}")
@@ -160,11 +201,17 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
         save_model(trained.to(getattr(torch, recipe.dtype)), tokenizer, context.output_dir / "model")
     new_tokens = log.tokens - log.resumed_from * tokens_per_step
     tail = log.losses[-10:]
-    return StageResult(artifact="model", metrics={
-        "train_loss": sum(tail) / len(tail), "train_tokens": log.tokens, "train_steps": steps,
-        "tokens_per_second": new_tokens / log.seconds if log.seconds else None,
-        "loss_curve": log.losses[:: max(1, len(log.losses) // 100)], "resumed_from_step": log.resumed_from,
-    })
+    return StageResult(
+        artifact="model",
+        metrics={
+            "train_loss": sum(tail) / len(tail),
+            "train_tokens": log.tokens,
+            "train_steps": steps,
+            "tokens_per_second": new_tokens / log.seconds if log.seconds else None,
+            "loss_curve": log.losses[:: max(1, len(log.losses) // 100)],
+            "resumed_from_step": log.resumed_from,
+        },
+    )
 
 
 def _with_lora(model, config: DistillConfig):
@@ -174,7 +221,14 @@ def _with_lora(model, config: DistillConfig):
     missing = [t for t in config.lora.target_modules if t not in names]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise _field_error(config, "lora.target_modules", f"{missing} not found in the model; its linear layers are {linear}")
-    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                      target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
+        raise _field_error(
+            config, "lora.target_modules", f"{missing} not found in the model; its linear layers are {linear}"
+        )
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)

@@ -14,9 +14,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -77,8 +77,15 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def train(module: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor], blocks: torch.Tensor,
-          plan: TrainPlan, accelerator: Accelerator, checkpoints: Path, progress=None) -> TrainLog:
+def train(
+    module: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    blocks: torch.Tensor,
+    plan: TrainPlan,
+    accelerator: Accelerator,
+    checkpoints: Path,
+    progress=None,
+) -> TrainLog:
     """Optimise `module` (student plus any projections) for plan.steps optimizer steps; resume if possible."""
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
@@ -121,8 +128,11 @@ def train(module: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, torch.Ten
             kept = latest_checkpoint(checkpoints)
             raise StageFailed(
                 f"the distillation loss became {mean_loss} at step {step + 1}; "
-                + (f"the last good checkpoint ({kept.name}) is kept and a re-run resumes from it" if kept
-                   else "no checkpoint was written yet")
+                + (
+                    f"the last good checkpoint ({kept.name}) is kept and a re-run resumes from it"
+                    if kept
+                    else "no checkpoint was written yet"
+                )
                 + "; lower the learning rate or enable gradient clipping (max_grad_norm)"
             )
         if plan.max_grad_norm:
@@ -152,4 +162,3 @@ def save_checkpoint(accelerator: Accelerator, checkpoints: Path, step: int, log:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-

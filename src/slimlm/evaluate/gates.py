@@ -64,6 +64,8 @@ def failure_message(stage: str, verdict: dict[str, Any]) -> str:
     if verdict["reference"] is None and "x " in verdict["gate"]:
         return f"gate '{verdict['gate']}' after stage '{stage}' failed: the reference value of {verdict['metric']} is missing"
     ref = f" (reference {verdict['reference']:.6g})" if verdict["reference"] is not None else ""
-    return (f"gate '{verdict['gate']}' after stage '{stage}' failed: measured {verdict['metric']} = "
-            f"{verdict['value']:.6g}, required {' and '.join(verdict['bounds'])}{ref}. The stage's output is kept; "
-            f"relax the gate or change the stage, then run again")
+    return (
+        f"gate '{verdict['gate']}' after stage '{stage}' failed: measured {verdict['metric']} = "
+        f"{verdict['value']:.6g}, required {' and '.join(verdict['bounds'])}{ref}. The stage's output is kept; "
+        f"relax the gate or change the stage, then run again"
+    )

@@ -14,8 +14,9 @@ def torch_logits(model):
 
 
 @torch.inference_mode()
-def perplexity(logits_fn, tokens: torch.Tensor, *, seq_len: int, stride: int | None = None,
-               batch_size: int = 4, progress=None) -> dict:
+def perplexity(
+    logits_fn, tokens: torch.Tensor, *, seq_len: int, stride: int | None = None, batch_size: int = 4, progress=None
+) -> dict:
     """Mean next-token NLL over a stream of token ids, exponentiated.
 
     `tokens` is a 1-D stream or a [n, seq_len] block tensor. Without `stride`, the stream is cut
@@ -46,7 +47,7 @@ def perplexity(logits_fn, tokens: torch.Tensor, *, seq_len: int, stride: int | N
         group = windows[i : i + batch_size]
         starts = scored_from[i : i + batch_size]
         if len({w.numel() for w in group}) > 1:  # the last sliding window may be shorter: run it alone
-            for w, s in zip(group, starts):
+            for w, s in zip(group, starts, strict=True):
                 a, b = _window_nll(logits_fn, w[None], [s])
                 nll, count = nll + a, count + b
             continue

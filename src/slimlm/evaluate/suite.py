@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from slimlm.sources.text import DataStore
 
 
-def evaluation_digest(recipe: "Recipe") -> str:
+def evaluation_digest(recipe: Recipe) -> str:
     """Changes whenever re-evaluation is needed: the evaluation section or the data it reads."""
     ev = recipe.evaluation.model_dump(mode="json")
     data = {name: spec.model_dump(mode="json") for name, spec in recipe.data.items()}
@@ -38,7 +38,7 @@ def onnx_logits(path: Path):
     return lambda ids: torch.from_numpy(model.logits(ids.numpy()))
 
 
-def evaluate_artifact(path: Path, recipe: "Recipe", data: "DataStore", device: str) -> dict[str, Any]:
+def evaluate_artifact(path: Path, recipe: Recipe, data: DataStore, device: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
     metrics: dict[str, Any] = {"size_bytes": size_on_disk(path)}
@@ -58,7 +58,9 @@ def evaluate_artifact(path: Path, recipe: "Recipe", data: "DataStore", device: s
             tokens = data.blocks(ppl.data, tokenizer, bos_per_window=bos, seq_len=seq_len, max_tokens=ppl.max_tokens)
         else:  # a sliding window scores one stream; no per-window BOS
             tokens = data.stream(ppl.data, tokenizer, max_tokens=ppl.max_tokens)
-        result = perplexity(logits_fn, tokens, seq_len=seq_len, stride=ppl.stride, batch_size=ppl.batch_size, progress=track)
+        result = perplexity(
+            logits_fn, tokens, seq_len=seq_len, stride=ppl.stride, batch_size=ppl.batch_size, progress=track
+        )
         metrics["perplexity"] = result["perplexity"]
         metrics["perplexity_detail"] = {"tokens": result["tokens"], "method": result["method"], "data": ppl.data}
     return metrics

@@ -32,8 +32,11 @@ class BitsAndBytesStageConfig(StageConfig):
 
 def odd_width_modules(model) -> list[str]:
     """Linear layers (by module name) whose widths the bitsandbytes CPU kernels do not accept."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and (m.out_features % KERNEL_MULTIPLE or m.in_features % KERNEL_MULTIPLE)]
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and (m.out_features % KERNEL_MULTIPLE or m.in_features % KERNEL_MULTIPLE)
+    ]
 
 
 def run(config: BitsAndBytesStageConfig, context: StageContext) -> StageResult:
@@ -46,11 +49,15 @@ def run(config: BitsAndBytesStageConfig, context: StageContext) -> StageResult:
     if config.bits == 8:
         quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     else:
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quant_type,
-                                          bnb_4bit_use_double_quant=config.double_quant,
-                                          bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype),
-                                          llm_int8_skip_modules=skip)
-    model = AutoModelForCausalLM.from_pretrained(context.input_dir, quantization_config=quantization,
-                                                 device_map=context.device, trust_remote_code=trust)
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.quant_type,
+            bnb_4bit_use_double_quant=config.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype),
+            llm_int8_skip_modules=skip,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        context.input_dir, quantization_config=quantization, device_map=context.device, trust_remote_code=trust
+    )
     save_model(model, load_tokenizer(context.input_dir, trust_remote_code=trust), context.output_dir / "model")
     return StageResult(artifact="model", metrics={"kept_in_full_precision": skip})

@@ -36,7 +36,9 @@ class ExportConfig(StageConfig):
     format: Literal["onnx", "onnx-genai"] = "onnx"  # onnx-genai: onnxruntime-genai's builder (fused CPU attention)
     quantize: Literal["none", "int8", "int4"] = "int8"
     block_size: int = Field(32, ge=16, description="quantization block size along the input dimension (a power of two)")
-    quantize_embeddings: bool = True  # the embedding table is a fifth of a small model; quantizing it meets the size targets
+    quantize_embeddings: bool = (
+        True  # the embedding table is a fifth of a small model; quantizing it meets the size targets
+    )
     parity: ParityOptions | None = ParityOptions()
 
     consumes = frozenset({HF})
@@ -51,15 +53,19 @@ def refuse_quantized_input(config: ExportConfig, input_dir: Path) -> None:
     cfg = json.loads((input_dir / "config.json").read_text())
     if "quantization_config" in cfg:
         method = cfg["quantization_config"].get("quant_method", "?")
-        raise SourceError(f"stage '{config.name}': the input model is {method}-quantized; export from the full-precision "
-                          "stage instead (put the export stage before any bitsandbytes stage)")
+        raise SourceError(
+            f"stage '{config.name}': the input model is {method}-quantized; export from the full-precision "
+            "stage instead (put the export stage before any bitsandbytes stage)"
+        )
 
 
 def run(config: ExportConfig, context: StageContext) -> StageResult:
     if config.block_size & (config.block_size - 1):
         raise RecipeError(f"stage '{config.name}', field 'block_size': {config.block_size} is not a power of two")
     refuse_quantized_input(config, context.input_dir)
-    model = load_model(context.input_dir, dtype="float32", device="cpu", trust_remote_code=context.recipe.trust_remote_code)
+    model = load_model(
+        context.input_dir, dtype="float32", device="cpu", trust_remote_code=context.recipe.trust_remote_code
+    )
     arch.family_of(model.config)
     out = context.output_dir / "onnx"
     if config.format == "onnx-genai":
@@ -70,8 +76,13 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
     export_onnx(model, context.input_dir, fp32_dir)
     if config.quantize != "none":
         status(f"quantizing to {config.quantize} with onnxruntime")
-        quantize_weights(fp32_dir, out, bits=8 if config.quantize == "int8" else 4, block_size=config.block_size,
-                         embeddings=config.quantize_embeddings)
+        quantize_weights(
+            fp32_dir,
+            out,
+            bits=8 if config.quantize == "int8" else 4,
+            block_size=config.block_size,
+            embeddings=config.quantize_embeddings,
+        )
         shutil.rmtree(fp32_dir, ignore_errors=True)
     return StageResult(artifact="onnx", metrics=_parity(config, context, model, out))
 
@@ -82,12 +93,27 @@ def build_genai(config: ExportConfig, input_dir: Path, out: Path, work_dir: Path
     import sys
 
     if head_dim % 16:
-        raise UnsupportedModelError(f"stage '{config.name}': onnxruntime-genai's CPU attention needs head_dim divisible "
-                                    f"by 16, and this model's is {head_dim}; use format: onnx instead")
+        raise UnsupportedModelError(
+            f"stage '{config.name}': onnxruntime-genai's CPU attention needs head_dim divisible "
+            f"by 16, and this model's is {head_dim}; use format: onnx instead"
+        )
     precision = {"none": "fp32", "int8": "int8", "int4": "int4"}[config.quantize]
     status(f"building an onnxruntime-genai {precision} model")
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(input_dir), "-o", str(out), "-p", precision,
-           "-e", "cpu", "-c", str(work_dir / "genai-cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(input_dir),
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(work_dir / "genai-cache"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -99,11 +125,18 @@ def _parity(config: ExportConfig, context: StageContext, model, out: Path) -> di
     if config.parity is None:
         return {}
     tokenizer = load_tokenizer(context.input_dir)
-    blocks = context.data.blocks(config.parity.data, tokenizer, bos_per_window=arch.needs_bos_per_window(model.config),
-                                 seq_len=config.parity.seq_len, max_tokens=config.parity.max_tokens)
+    blocks = context.data.blocks(
+        config.parity.data,
+        tokenizer,
+        bos_per_window=arch.needs_bos_per_window(model.config),
+        seq_len=config.parity.seq_len,
+        max_tokens=config.parity.max_tokens,
+    )
     metrics = parity(model, out, blocks, config.parity.greedy_steps)
-    status(f"parity: max |logit diff| {metrics['max_logit_diff']:.3g}, top-1 agreement {metrics['top1_agreement']:.4f}, "
-           f"KL {metrics['kl']:.3g}, greedy {metrics['greedy_agreement']:.3f}")
+    status(
+        f"parity: max |logit diff| {metrics['max_logit_diff']:.3g}, top-1 agreement {metrics['top1_agreement']:.4f}, "
+        f"KL {metrics['kl']:.3g}, greedy {metrics['greedy_agreement']:.3f}"
+    )
     return metrics
 
 
@@ -122,11 +155,16 @@ def parity(model, onnx_dir: Path, blocks: torch.Tensor, greedy_steps: int) -> di
         kl += (p.exp() * (p - q)).sum().item()
         count += row.numel()
     prompt = blocks[0, : min(16, blocks.shape[1])]
-    expected = model.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), max_new_tokens=greedy_steps,
-                              do_sample=False)[0, prompt.numel():].tolist()
+    expected = model.generate(
+        prompt[None], attention_mask=torch.ones_like(prompt[None]), max_new_tokens=greedy_steps, do_sample=False
+    )[0, prompt.numel() :].tolist()
     produced = list(edge.generate_ids(prompt.tolist(), greedy_steps))
-    same = sum(a == b for a, b in zip(expected, produced)) / max(len(expected), len(produced), 1)
-    return {"max_logit_diff": max_diff, "top1_agreement": agree / count, "kl": kl / count,
-            "greedy_agreement": same, "greedy_tokens": {"pytorch": expected, "onnx": produced},
-            "onnx_bytes": int(sum(p.stat().st_size for p in onnx_dir.iterdir() if p.name.startswith("model.onnx")))}
-
+    same = sum(a == b for a, b in zip(expected, produced, strict=False)) / max(len(expected), len(produced), 1)
+    return {
+        "max_logit_diff": max_diff,
+        "top1_agreement": agree / count,
+        "kl": kl / count,
+        "greedy_agreement": same,
+        "greedy_tokens": {"pytorch": expected, "onnx": produced},
+        "onnx_bytes": int(sum(p.stat().st_size for p in onnx_dir.iterdir() if p.name.startswith("model.onnx"))),
+    }

@@ -20,8 +20,15 @@ from transformers.cache_utils import DynamicCache
 from slimlm import arch
 
 ONNX_FILE = "model.onnx"
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 
 
 class DecoderWithPast(torch.nn.Module):
@@ -35,8 +42,13 @@ class DecoderWithPast(torch.nn.Module):
         cache = DynamicCache()
         for i, (key, value) in enumerate(past_key_values):
             cache.update(key, value, i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
         return out.logits, [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
 
@@ -64,18 +76,34 @@ def export_onnx(model, source_dir: Path, out_dir: Path) -> Path:
         torch.ones(batch, seq, dtype=torch.long),
         torch.ones(batch, past + seq, dtype=torch.long),
         torch.arange(past, past + seq)[None],
-        [(torch.zeros(batch, kv_heads, past, head_dim), torch.zeros(batch, kv_heads, past, head_dim))
-         for _ in range(n_layers)],
+        [
+            (torch.zeros(batch, kv_heads, past, head_dim), torch.zeros(batch, kv_heads, past, head_dim))
+            for _ in range(n_layers)
+        ],
     )
-    b, s, p, t = (torch.export.Dim(n) for n in ("batch", "sequence_length", "past_sequence_length", "total_sequence_length"))
-    dynamic = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t}, "position_ids": {0: b, 1: s},
-               "past_key_values": [({0: b, 2: p}, {0: b, 2: p}) for _ in range(n_layers)]}
+    b, s, p, t = (
+        torch.export.Dim(n) for n in ("batch", "sequence_length", "past_sequence_length", "total_sequence_length")
+    )
+    dynamic = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: t},
+        "position_ids": {0: b, 1: s},
+        "past_key_values": [({0: b, 2: p}, {0: b, 2: p}) for _ in range(n_layers)],
+    }
     inputs, outputs = io_names(n_layers)
     out_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(DecoderWithPast(model), example, dynamo=True, dynamic_shapes=dynamic,
-                                    input_names=inputs, output_names=outputs, external_data=True, verbose=False)
+        program = torch.onnx.export(
+            DecoderWithPast(model),
+            example,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            input_names=inputs,
+            output_names=outputs,
+            external_data=True,
+            verbose=False,
+        )
     program.save(str(out_dir / ONNX_FILE), external_data=True)
     copy_side_files(source_dir, out_dir)
     return out_dir / ONNX_FILE
@@ -87,5 +115,6 @@ def copy_side_files(source_dir: Path, out_dir: Path) -> None:
             shutil.copy2(source_dir / name, out_dir / name)
     if not (out_dir / "generation_config.json").is_file():  # the edge runtime reads EOS ids from here
         cfg = json.loads((source_dir / "config.json").read_text())
-        (out_dir / "generation_config.json").write_text(json.dumps(
-            {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}, indent=2))
+        (out_dir / "generation_config.json").write_text(
+            json.dumps({k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}, indent=2)
+        )

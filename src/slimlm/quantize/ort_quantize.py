@@ -15,8 +15,9 @@ from pathlib import Path
 from slimlm.quantize.onnx_export import ONNX_FILE
 
 
-def quantize_weights(src: Path, dst: Path, *, bits: int, block_size: int = 32, embeddings: bool = True,
-                     accuracy_level: int = 4) -> Path:
+def quantize_weights(
+    src: Path, dst: Path, *, bits: int, block_size: int = 32, embeddings: bool = True, accuracy_level: int = 4
+) -> Path:
     """Quantize every constant-weight MatMul to `bits`; with `embeddings`, the embedding table to 4 bits
     (GatherBlockQuantized supports only 4-bit, and the table is a fifth of a small model)."""
     import onnx
@@ -35,8 +36,14 @@ def _nbits(model, ops: tuple[str, ...], bits: int, block_size: int, accuracy_lev
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=accuracy_level, op_types_to_quantize=ops)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=accuracy_level,
+        op_types_to_quantize=ops,
+    )
     level = logging.getLogger().level  # the quantizer logs every node at INFO through the root logger
     logging.getLogger().setLevel(logging.WARNING)
     try:

