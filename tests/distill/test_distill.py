@@ -219,3 +219,22 @@ def test_teacher_correction_becomes_the_teacher_of_later_stages(tiny_llama, tmp_
     assert distilled["teacher_path"] == corrected["artifact_path"]
     pruned = json.loads((tmp_path / "run" / "02-prune" / "manifest.json").read_text())
     assert pruned["input_digest"] == corrected["output_digest"]
+
+
+def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(tiny_llama, tmp_path):
+    _run(
+        tmp_path,
+        tiny_llama,
+        "run",
+        "stages.distill.method=qlora",
+        "stages.distill.steps=3",
+        "stages.prune.target={layers: 3}",
+    )
+    path = tmp_path / "run" / "02-distill" / "model"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert getattr(model.config, "quantization_config", None) is None and model.dtype == torch.float32
+    pruned = load_file(tmp_path / "run" / "01-prune" / "model" / "model.safetensors")
+    merged = load_file(path / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(pruned[key], merged[key])  # the adapter moved the weights
+    assert (pruned[key] - merged[key]).abs().max() < 0.5  # ...starting from the full-precision ones

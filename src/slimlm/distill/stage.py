@@ -48,7 +48,7 @@ class LoraOptions(Strict):
 class DistillConfig(StageConfig):
     kind: Literal["distill"]
     data: str = "train"
-    method: Literal["full", "lora"] = "lora"
+    method: Literal["full", "lora", "qlora"] = "lora"  # qlora: LoRA on a 4-bit (NF4) base, merged into full precision
     lora: LoraOptions = LoraOptions()
     loss: LossOptions = LossOptions()
     tokens: int | None = Field(None, ge=1, description="token budget (global); or give steps")
@@ -107,7 +107,11 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
     tokenizer = load_tokenizer(context.input_dir, trust_remote_code=trust)
     check_tokenizers(tokenizer, load_tokenizer(context.teacher_dir, trust_remote_code=trust))
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=context.device == "cpu")
-    student = load_model(context.input_dir, dtype="float32", device="cpu", trust_remote_code=trust)
+    student = (
+        _load_4bit(context.input_dir, context.device, trust)
+        if config.method == "qlora"
+        else load_model(context.input_dir, dtype="float32", device="cpu", trust_remote_code=trust)
+    )
     teacher = None
     vocab = student.config.vocab_size
     if config.needs_teacher:  # cross-entropy alone (e.g. teacher correction) trains without one
@@ -132,7 +136,7 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
         )
     steps = config.steps or config.tokens // tokens_per_step
 
-    if config.method == "lora":
+    if config.method in ("lora", "qlora"):
         student = _with_lora(student, config)
     projections = None
     if config.loss.hidden:
@@ -197,6 +201,8 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
     trained = accelerator.unwrap_model(module).model
     if config.method == "lora":
         trained = trained.merge_and_unload()
+    elif config.method == "qlora":  # merge the adapter into the full-precision weights, not the 4-bit ones
+        trained = _merge_into_full_precision(trained, context.input_dir, config, trust)
     if accelerator.is_main_process:
         save_model(trained.to(getattr(torch, recipe.dtype)), tokenizer, context.output_dir / "model")
     new_tokens = log.tokens - log.resumed_from * tokens_per_step
@@ -212,6 +218,35 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
             "resumed_from_step": log.resumed_from,
         },
     )
+
+
+def _load_4bit(path, device: str, trust: bool):
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from slimlm.quantize.bnb import odd_width_modules
+
+    skip = odd_width_modules(load_model(path, trust_remote_code=trust)) + ["lm_head"]
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+        llm_int8_skip_modules=skip,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quantization, device_map=device, trust_remote_code=trust
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _merge_into_full_precision(trained, path, config: DistillConfig, trust: bool):
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter = get_peft_model_state_dict(trained)
+    full = _with_lora(load_model(path, dtype="float32", trust_remote_code=trust), config)
+    set_peft_model_state_dict(full, adapter)
+    return full.merge_and_unload()
 
 
 def _with_lora(model, config: DistillConfig):
