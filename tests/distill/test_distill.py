@@ -238,3 +238,25 @@ def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(tiny_llama, 
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(pruned[key], merged[key])  # the adapter moved the weights
     assert (pruned[key] - merged[key]).abs().max() < 0.5  # ...starting from the full-precision ones
+
+
+def test_a_non_finite_loss_stops_the_stage_and_keeps_the_last_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    from slimlm.distill import losses
+    from slimlm.errors import StageFailed
+
+    calls = {"n": 0}
+    real = losses.LOGIT_LOSSES["forward_kl"]
+
+    def diverging(student, teacher, temperature=1.0):
+        calls["n"] += 1
+        value = real(student, teacher, temperature)
+        return value * float("nan") if calls["n"] >= 4 else value  # the 4th step diverges
+
+    monkeypatch.setitem(losses.LOGIT_LOSSES, "forward_kl", diverging)
+    with pytest.raises(
+        StageFailed, match=r"became nan at step 4; the last good checkpoint \(step-00000002\) is kept"
+    ) as e:
+        _run(tmp_path, tiny_llama, "run")
+    assert e.value.exit_code == 4
+    assert list((tmp_path / "run" / ".work").glob("*/step-00000002/progress.json"))
+    assert not (tmp_path / "run" / "02-distill").exists()
