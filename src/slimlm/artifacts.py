@@ -106,12 +106,6 @@ class RunLayout:
     def manifest(self, index: int, name: str) -> dict | None:
         return read_json(self.stage_dir(index, name) / MANIFEST)
 
-    def stage_dirs(self) -> list[Path]:
-        """Finished stage folders in order (teacher first)."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name[:2].isdigit())
-
 
 def begin_partial(layout: RunLayout, index: int, name: str) -> Path:
     """A fresh, empty folder to write a stage into; leftovers of an interrupted attempt are removed."""

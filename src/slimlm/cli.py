@@ -206,7 +206,3 @@ def _describe(gate) -> str:
 def _short(settings: dict) -> str:
     text = ", ".join(f"{k}={v}" for k, v in settings.items() if v not in (None, [], {}))
     return text if len(text) < 120 else text[:117] + "..."
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())

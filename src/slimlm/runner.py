@@ -208,7 +208,6 @@ def _stage_manifest(
         data=data,
         device=device,
         seed=recipe.seed,
-        previous_metrics=previous["metrics"],
     )
     result = STAGES[stage.kind][1](stage, context)
     seconds = round(time.perf_counter() - t0, 2)

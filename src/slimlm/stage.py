@@ -92,7 +92,6 @@ class StageContext:
     data: DataStore
     device: str
     seed: int
-    previous_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from slimlm.errors import SourceError
 
@@ -206,6 +206,3 @@ class DataStore:
                 )
         blocks = pack_tokens(token_stream(self.documents(name), tokenizer, limit), seq_len, bos_id=bos_id)
         return blocks[: spec.samples] if spec.samples else blocks
-
-    def describe(self, name: str) -> dict[str, Any]:
-        return self.specs[name].model_dump(mode="json")
