@@ -34,6 +34,10 @@ def quantize_weights(
 def _nbits(model, ops: tuple[str, ...], bits: int, block_size: int, accuracy_level: int):
     import logging
 
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    # Importing the quantizer calls logging.basicConfig(level=INFO), which would make every library log each step
+    # from then on; it then logs every node. Both are undone here.
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer = MatMulNBitsQuantizer(
@@ -44,12 +48,13 @@ def _nbits(model, ops: tuple[str, ...], bits: int, block_size: int, accuracy_lev
         accuracy_level=accuracy_level,
         op_types_to_quantize=ops,
     )
-    level = logging.getLogger().level  # the quantizer logs every node at INFO through the root logger
-    logging.getLogger().setLevel(logging.WARNING)
+    root.setLevel(logging.WARNING)
     try:
         quantizer.process()
     finally:
-        logging.getLogger().setLevel(level)
+        root.setLevel(level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
     return quantizer.model.model
 
 
