@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicCache
 from slimlm import arch
 
 ONNX_FILE = "model.onnx"
+OPSET = 21  # the first opset with int4 types, which 4-bit quantization (GatherBlockQuantized) needs
 SIDE_FILES = (
     "config.json",
     "generation_config.json",
@@ -98,6 +99,7 @@ def export_onnx(model, source_dir: Path, out_dir: Path) -> Path:
             DecoderWithPast(model),
             example,
             dynamo=True,
+            opset_version=OPSET,
             dynamic_shapes=dynamic,
             input_names=inputs,
             output_names=outputs,
