@@ -226,7 +226,7 @@ def _load_4bit(path, device: str, trust: bool):
 
     from slimlm.quantize.bnb import odd_width_modules
 
-    skip = odd_width_modules(load_model(path, trust_remote_code=trust)) + ["lm_head"]
+    skip = odd_width_modules(path, trust) + ["lm_head"]
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from slimlm.sources.models import load_model, load_tokenizer, save_model
+from slimlm.sources.models import load_tokenizer, save_model
 from slimlm.stage import HF, HF_QUANTIZED, StageConfig, StageContext, StageResult
 
 KERNEL_MULTIPLE = 32
@@ -30,8 +30,13 @@ class BitsAndBytesStageConfig(StageConfig):
     produces = HF_QUANTIZED
 
 
-def odd_width_modules(model) -> list[str]:
-    """Linear layers (by module name) whose widths the bitsandbytes CPU kernels do not accept."""
+def odd_width_modules(path, trust_remote_code: bool = False) -> list[str]:
+    """Linear layers (by module name) whose widths the bitsandbytes CPU kernels do not accept (read off the config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):  # shapes only: no weights are loaded
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return [
         name
         for name, m in model.named_modules()
@@ -43,9 +48,7 @@ def run(config: BitsAndBytesStageConfig, context: StageContext) -> StageResult:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     trust = context.recipe.trust_remote_code
-    plain = load_model(context.input_dir, dtype="float32", trust_remote_code=trust)
-    skip = odd_width_modules(plain) + ["lm_head"]
-    del plain
+    skip = odd_width_modules(context.input_dir, trust) + ["lm_head"]
     if config.bits == 8:
         quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     else:
