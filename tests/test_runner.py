@@ -148,3 +148,21 @@ def test_a_stage_can_take_an_earlier_stage_as_input(recipe_file, tmp_path):
     run_recipe(load_recipe(recipe_file), run_dir)
     assert manifest(run_dir, "03-fp16")["input_digest"] == manifest(run_dir, "01-prune")["output_digest"]
     assert AutoModelForCausalLM.from_pretrained(run_dir / "03-fp16" / "model").dtype == torch.float16
+
+
+def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_cleared(recipe_file, tmp_path):
+    import os
+    import socket
+
+    from slimlm.errors import RunDirectoryBusy
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    host = socket.gethostname()
+    (run_dir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": host}))  # this test process: alive
+    with pytest.raises(RunDirectoryBusy, match=f"is in use by process {os.getpid()}"):
+        run_recipe(load_recipe(recipe_file), run_dir)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": host}))
+    assert run_recipe(load_recipe(recipe_file), run_dir)["status"] == "done"
+    assert not (run_dir / ".lock").exists()

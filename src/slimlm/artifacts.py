@@ -8,11 +8,14 @@ place only when complete, so an interrupted stage never looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,3 +133,47 @@ def commit_partial(layout: RunLayout, index: int, name: str) -> Path:
     else:
         os.replace(partial, final)
     return final
+
+
+@contextlib.contextmanager
+def run_lock(root: Path) -> Iterator[None]:
+    """Hold `root/.lock` while a run writes there; a lock left by a dead process on this host is cleared."""
+    from slimlm.errors import RunDirectoryBusy
+
+    lock = Path(root) / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except PermissionError as e:
+            raise RunDirectoryBusy(
+                f"cannot write in the run directory {root} ({e.strerror}); choose another with --run-dir"
+            ) from e
+        except FileExistsError:
+            holder = read_json(lock) or {}
+            if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise RunDirectoryBusy(
+                f"{root} is in use by process {holder.get('pid')} on {holder.get('host')}; wait for it, use another "
+                f"--run-dir, or delete {lock} if you are sure that run is gone"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -29,6 +29,12 @@ class UnsupportedModelError(SlimlmError):
     exit_code = 2
 
 
+class RunDirectoryBusy(SlimlmError):
+    """Another live run holds the run directory's lock."""
+
+    exit_code = 2
+
+
 class GateFailed(SlimlmError):
     """A quality gate between stages did not pass; artifacts are kept."""
 

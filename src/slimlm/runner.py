@@ -23,6 +23,7 @@ from slimlm.artifacts import (
     commit_partial,
     config_digest,
     dir_digest,
+    run_lock,
     write_json_atomic,
 )
 from slimlm.errors import GateFailed, SlimlmError
@@ -66,26 +67,27 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     layout = RunLayout(Path(run_dir))
     try:
         layout.root.mkdir(parents=True, exist_ok=True)
-        layout.recipe.write_text(recipe_to_yaml(recipe))
     except OSError as e:
         raise SlimlmError(
-            f"cannot write the run directory {layout.root}: {e.strerror}; choose another with --run-dir"
+            f"cannot create the run directory {layout.root}: {e.strerror}; choose another with --run-dir"
         ) from e
-    state: dict[str, Any] = {"recipe": recipe.name, "status": "running", "started": now(), "stages": {}}
-    write_json_atomic(layout.run_state, state)
-    try:
-        _run_stages(recipe, layout, state)
-    except BaseException as e:
-        state.update(
-            status="gate_failed" if isinstance(e, GateFailed) else "failed",
-            finished=now(),
-            error=str(e) if isinstance(e, SlimlmError) else f"{type(e).__name__}: {e}",
-        )
+    with run_lock(layout.root):  # two runs writing one directory would corrupt each other's stages
+        layout.recipe.write_text(recipe_to_yaml(recipe))
+        state: dict[str, Any] = {"recipe": recipe.name, "status": "running", "started": now(), "stages": {}}
         write_json_atomic(layout.run_state, state)
-        raise
-    state.update(status="done", finished=now())
-    write_json_atomic(layout.run_state, state)
-    return state
+        try:
+            _run_stages(recipe, layout, state)
+        except BaseException as e:
+            state.update(
+                status="gate_failed" if isinstance(e, GateFailed) else "failed",
+                finished=now(),
+                error=str(e) if isinstance(e, SlimlmError) else f"{type(e).__name__}: {e}",
+            )
+            write_json_atomic(layout.run_state, state)
+            raise
+        state.update(status="done", finished=now())
+        write_json_atomic(layout.run_state, state)
+        return state
 
 
 def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> None:

@@ -1,0 +1,56 @@
+"""A real `slimlm run` killed with SIGKILL mid-distillation resumes from its last checkpoint on the next run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from slimlm.recipe import load_recipe
+from slimlm.runner import run_recipe
+
+RECIPE = """\
+name: crash
+model: {model}
+device: cpu
+data:
+  train: {{source: "builtin:python-docs", split: train, seq_len: 32, samples: 16}}
+stages:
+  - {{name: prune, kind: prune, target: {{ffn: 64, layers: 3}}, calibration: train}}
+  - {{name: distill, kind: distill, data: train, method: full, steps: 60, batch_size: 2, lr: 0.001,
+     checkpoint_every: 5}}
+"""
+
+
+def test_sigkill_mid_distillation_loses_at_most_one_checkpoint_interval(tiny_llama, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(model=tiny_llama))
+    run_recipe(load_recipe(path), tmp_path / "straight")
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "slimlm", "run", str(path), "--run-dir", str(killed)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(killed.glob(".work/*/step-00000010/progress.json")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(killed.glob(".work/*/step-*/progress.json")), "no checkpoint was written before the kill"
+    assert not (killed / "02-distill").exists()  # the killed stage does not look finished
+    assert (killed / ".lock").exists()  # left behind by the dead process...
+
+    rerun = subprocess.run(command, capture_output=True, text=True)  # ...and cleared as stale
+    assert rerun.returncode == 0, rerun.stderr
+    state = json.loads((killed / "run.json").read_text())
+    assert state["stages"] == {"teacher": "skipped", "prune": "skipped", "distill": "done"}
+    resumed = json.loads((killed / "02-distill" / "manifest.json").read_text())["metrics"]["resumed_from_step"]
+    assert resumed >= 10 and resumed % 5 == 0
+    a = load_file(tmp_path / "straight" / "02-distill" / "model" / "model.safetensors")
+    b = load_file(killed / "02-distill" / "model" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
