@@ -154,13 +154,13 @@ def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_cleared(recipe_file
     import os
     import socket
 
-    from slimlm.errors import RunDirectoryBusy
+    from slimlm.errors import RunDirectoryError
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     host = socket.gethostname()
     (run_dir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": host}))  # this test process: alive
-    with pytest.raises(RunDirectoryBusy, match=f"is in use by process {os.getpid()}"):
+    with pytest.raises(RunDirectoryError, match=f"is in use by process {os.getpid()}"):
         run_recipe(load_recipe(recipe_file), run_dir)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (run_dir / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": host}))

@@ -138,7 +138,7 @@ def commit_partial(layout: RunLayout, index: int, name: str) -> Path:
 @contextlib.contextmanager
 def run_lock(root: Path) -> Iterator[None]:
     """Hold `root/.lock` while a run writes there; a lock left by a dead process on this host is cleared."""
-    from slimlm.errors import RunDirectoryBusy
+    from slimlm.errors import RunDirectoryError
 
     lock = Path(root) / ".lock"
     me = {"pid": os.getpid(), "host": socket.gethostname()}
@@ -146,7 +146,7 @@ def run_lock(root: Path) -> Iterator[None]:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except PermissionError as e:
-            raise RunDirectoryBusy(
+            raise RunDirectoryError(
                 f"cannot write in the run directory {root} ({e.strerror}); choose another with --run-dir"
             ) from e
         except FileExistsError:
@@ -154,7 +154,7 @@ def run_lock(root: Path) -> Iterator[None]:
             if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
                 lock.unlink(missing_ok=True)  # stale: its process is gone
                 continue
-            raise RunDirectoryBusy(
+            raise RunDirectoryError(
                 f"{root} is in use by process {holder.get('pid')} on {holder.get('host')}; wait for it, use another "
                 f"--run-dir, or delete {lock} if you are sure that run is gone"
             ) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from slimlm.errors import SlimlmError
+from slimlm.errors import SlimlmError, StageFailed
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -76,6 +77,15 @@ def run(
         run_recipe(parsed, run_dir or Path("runs") / parsed.name)
     except SlimlmError as e:
         _fail(e)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        _fail(
+            StageFailed(
+                f"{e.strerror} while writing {e.filename or 'the run directory'}; free space (or choose a "
+                "writable --run-dir) and run the same command again: finished stages are kept"
+            )
+        )
     except KeyboardInterrupt:
         from slimlm.progress import console
 

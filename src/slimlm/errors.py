@@ -29,8 +29,8 @@ class UnsupportedModelError(SlimlmError):
     exit_code = 2
 
 
-class RunDirectoryBusy(SlimlmError):
-    """Another live run holds the run directory's lock."""
+class RunDirectoryError(SlimlmError):
+    """The run directory cannot be used: another live run holds its lock, or it cannot be created or written."""
 
     exit_code = 2
 

@@ -26,7 +26,7 @@ from slimlm.artifacts import (
     run_lock,
     write_json_atomic,
 )
-from slimlm.errors import GateFailed, SlimlmError
+from slimlm.errors import GateFailed, RunDirectoryError, SlimlmError
 from slimlm.evaluate.gates import check_gate, failure_message
 from slimlm.evaluate.suite import evaluate_artifact, evaluation_digest
 from slimlm.progress import console, status
@@ -68,7 +68,7 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     try:
         layout.root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SlimlmError(
+        raise RunDirectoryError(
             f"cannot create the run directory {layout.root}: {e.strerror}; choose another with --run-dir"
         ) from e
     with run_lock(layout.root):  # two runs writing one directory would corrupt each other's stages
