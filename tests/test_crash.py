@@ -36,8 +36,9 @@ def test_sigkill_mid_distillation_loses_at_most_one_checkpoint_interval(tiny_lla
     command = [sys.executable, "-m", "slimlm", "run", str(path), "--run-dir", str(killed)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not list(killed.glob(".work/*/step-00000010/progress.json")):
-        time.sleep(0.2)
+    # Kill as soon as a checkpoint exists (and so well before the 60 steps end), wherever the process is.
+    while time.time() < deadline and proc.poll() is None and not list(killed.glob(".work/*/step-*/progress.json")):
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert list(killed.glob(".work/*/step-*/progress.json")), "no checkpoint was written before the kill"
@@ -49,7 +50,7 @@ def test_sigkill_mid_distillation_loses_at_most_one_checkpoint_interval(tiny_lla
     state = json.loads((killed / "run.json").read_text())
     assert state["stages"] == {"teacher": "skipped", "prune": "skipped", "distill": "done"}
     resumed = json.loads((killed / "02-distill" / "manifest.json").read_text())["metrics"]["resumed_from_step"]
-    assert resumed >= 10 and resumed % 5 == 0
+    assert resumed >= 5 and resumed % 5 == 0
     a = load_file(tmp_path / "straight" / "02-distill" / "model" / "model.safetensors")
     b = load_file(killed / "02-distill" / "model" / "model.safetensors")
     for key in a:
