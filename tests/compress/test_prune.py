@@ -72,7 +72,7 @@ def test_importance_ranks_heads_within_their_kv_group(tiny_llama):
     assert plan.heads[0].tolist() == [2, 3] and plan.kv_heads[0].tolist() == [1]
 
 
-def test_importance_memory_does_not_depend_on_sample_count(tiny_llama):
+def test_importance_scores_have_one_value_per_layer_and_channel(tiny_llama):
     model, tokenizer = _load(tiny_llama)
     few = collect_importance(model, _blocks(tokenizer, n=2), batch_size=2)
     many = collect_importance(model, _blocks(tokenizer, n=8), batch_size=2)

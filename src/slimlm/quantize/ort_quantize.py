@@ -9,10 +9,9 @@ kernel compute in int8 with per-block activation scales, which makes it fast (ab
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from slimlm.quantize.onnx_export import ONNX_FILE
+from slimlm.quantize.onnx_export import ONNX_FILE, copy_side_files
 
 
 def quantize_weights(
@@ -56,9 +55,3 @@ def _nbits(model, ops: tuple[str, ...], bits: int, block_size: int, accuracy_lev
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
     return quantizer.model.model
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    for path in src.iterdir():
-        if path.is_file() and not path.name.startswith("model.onnx"):
-            shutil.copy2(path, dst / path.name)
