@@ -130,6 +130,50 @@ CASES = [
         2,
         "less than one optimizer step",
     ),
+    (
+        "unknown-lm-eval-task",
+        {"set": ["evaluation.lm_eval={tasks: [hellaswagg]}"]},
+        [],
+        2,
+        "lm-eval has no task named 'hellaswagg'; did you mean hellaswag",
+    ),
+    (
+        "task-file-wrong-fields",
+        {"task_file": {"goal": "g", "choices": ["a", "b"], "gold": 0}},
+        [],
+        2,
+        "uses question, but the examples in task.jsonl have the fields choices, goal, gold",
+    ),
+    (
+        "task-file-missing",
+        {"set": ["evaluation.lm_eval={tasks: [{name: t, data: nodata}]}"]},
+        [],
+        2,
+        "no data source named 'nodata'",
+    ),
+    (
+        "gate-on-uncomputed-task-metric",
+        {
+            "set": [
+                "evaluation.lm_eval={tasks: [{name: t, data: eval}]}",
+                "stages.prune.gates=[{metric: tasks.t.f1, min: 0.5}]",
+            ]
+        },
+        [],
+        2,
+        "gate on 'tasks.t.f1', which this run does not measure",
+    ),
+    (
+        "above-chance-on-perplexity",
+        {
+            "set": [
+                "stages.prune.gates=[{metric: perplexity, min_ratio: 0.5, relative_to: teacher, above_chance: true}]"
+            ]
+        },
+        [],
+        2,
+        "above_chance applies to a multiple-choice task's accuracy",
+    ),
     ("gate-fails", {"set": ["stages.prune.gates=[{metric: params, max: 10}]"]}, [], 3, "gate 'params <= 10'"),
     ("unwritable-run-dir", {}, ["--run-dir", "FILE/run"], 2, "cannot create the run directory"),
     ("disk-full", {"disk_full": True}, [], 4, "No space left on device"),
@@ -157,6 +201,10 @@ def test_bad_input_is_one_clear_message(case, tiny_llama, tmp_path, monkeypatch)
     if "jsonl" in change:
         (tmp_path / "data.jsonl").write_text(json.dumps(change["jsonl"]) + "\n")
         recipe["data"]["eval"] = {"source": str(tmp_path / "data.jsonl"), "seq_len": 32}
+    if "task_file" in change:
+        (tmp_path / "task.jsonl").write_text(json.dumps(change["task_file"]) + "\n")
+        task = {"name": "t", "file": str(tmp_path / "task.jsonl"), "text": "{{question}}", "choices": "{{choices}}"}
+        recipe["evaluation"]["lm_eval"] = {"tasks": [{**task, "target": "{{gold}}"}]}
     if change.get("disk_full"):
         from slimlm.compress import stage as prune_stage
 

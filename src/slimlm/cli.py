@@ -10,7 +10,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
-import typer
+# tqdm reads this when it is imported: lm-eval's and datasets' bars would interleave with slimlm's own progress lines.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import typer  # noqa: E402
 from rich.table import Table
 
 from slimlm.errors import SlimlmError, StageFailed
@@ -55,6 +58,10 @@ def _quiet_libraries() -> None:
     # bitsandbytes warns that the optional `kernels` package (which downloads from the hub) is absent; we do not use it.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed", irrelevant to LMs
+    # lm-eval: our status lines replace its dataset-building bars and its advice about passing a model object.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for name in ("lm-eval", "lm_eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
@@ -125,46 +132,44 @@ def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")], set_: 
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Show which stages of a run are done, skipped, failed or pending, with their key metrics."""
-    from slimlm.artifacts import RunLayout, read_json
-
-    layout = RunLayout(run_dir)
-    state = read_json(layout.run_state)
-    if state is None:
-        _fail(SlimlmError(f"{run_dir} is not a slimlm run directory (no run.json)"))
-    from slimlm.recipe import load_recipe
+    from slimlm.report import read_run
 
     try:
-        names = ["teacher"] + [s.name for s in load_recipe(layout.recipe).stages]
-    except SlimlmError:
-        names = list(state.get("stages", {}))
+        state, rows = read_run(run_dir)
+    except SlimlmError as e:
+        _fail(e)
     table = Table(title=f"{state['recipe']}: {state['status']} (started {state['started']})")
     for col in ("#", "stage", "status", "params", "size MB", "perplexity", "gates", "seconds"):
         table.add_column(col)
-    for i, name in enumerate(names):
-        manifest = layout.manifest(i, name) or {}
-        last = state.get("stages", {}).get(name)
-        shown = last or ("finished earlier" if manifest else "pending")
-        if manifest.get("status") == "gate_failed":
-            shown = "gate failed"
-        elif last == "running":
-            shown = "failed" if state["status"] == "failed" else "running"
-        m = manifest.get("metrics", {})
-        verdicts = manifest.get("gates", [])
-        failed = [v["gate"] for v in verdicts if not v["passed"]]
-        gates = ("FAIL: " + "; ".join(failed)) if failed else (f"{len(verdicts)} passed" if verdicts else "")
+    for row in rows:
+        m = row.metrics
+        failed = [v["gate"] for v in row.failed_gates]
+        passed = len(row.manifest.get("gates", []))
         table.add_row(
-            f"{i:02d}",
-            name,
-            shown,
+            f"{row.index:02d}",
+            row.name,
+            row.status,
             f"{m['params']:,}" if "params" in m else "",
             f"{m['size_bytes'] / 1e6:.1f}" if "size_bytes" in m else "",
             f"{m['perplexity']:.3f}" if "perplexity" in m else "",
-            gates,
-            str(manifest.get("seconds", "")),
+            ("FAIL: " + "; ".join(failed)) if failed else (f"{passed} passed" if passed else ""),
+            str(row.manifest.get("seconds", "")),
         )
     _stdout().print(table)
     if state.get("error"):
         _stdout().print(f"[red]last error:[/] {state['error']}", highlight=False)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Write report.md and a self-contained report.html (tables, gate verdicts, plots) for a run."""
+    from slimlm.report import write_report
+
+    try:
+        md, page = write_report(run_dir)
+    except SlimlmError as e:
+        _fail(e)
+    _stdout().print(f"wrote {md} and {page}")
 
 
 @app.command()

@@ -48,7 +48,7 @@ class EdgeModel:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        config = json.loads((path / "config.json").read_text())
+        self.config = config = json.loads((path / "config.json").read_text())
         generation = (
             json.loads((path / "generation_config.json").read_text())
             if (path / "generation_config.json").is_file()
@@ -77,6 +77,14 @@ class EdgeModel:
         )
         return self.session.run(["logits"], feeds)[0]
 
+    def step(self, ids: np.ndarray, past: list[np.ndarray] | None, length: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One forward pass over new tokens `ids` [batch, n] after `length` cached ones: (logits, new cache)."""
+        batch, n = ids.shape
+        past = self._empty_past(batch) if past is None else past
+        positions = np.tile(np.arange(length, length + n), (batch, 1))
+        outputs = self.session.run(None, self._feeds(ids, np.ones((batch, length + n), np.int64), positions, past))
+        return outputs[0], outputs[1:]
+
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.dtype) for _ in self.past_names]
 
@@ -103,14 +111,12 @@ class EdgeModel:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt_ids)
         ids = np.array([prompt_ids], np.int64)
-        past = self._empty_past(1)
+        past = None
         length = 0
         t0 = time.perf_counter()
         for step in range(max_new_tokens):
-            positions = np.arange(length, length + ids.shape[1])[None]
-            mask = np.ones((1, length + ids.shape[1]), np.int64)
-            outputs = self.session.run(None, self._feeds(ids, mask, positions, past))
-            logits, past = outputs[0][0, -1], outputs[1:]
+            logits, past = self.step(ids, past, length)
+            logits = logits[0, -1]
             length += ids.shape[1]
             token = _sample(logits, rng, temperature, top_p) if sample else int(np.argmax(logits))
             now = time.perf_counter()

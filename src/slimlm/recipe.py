@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from slimlm.errors import RecipeError
+from slimlm.evaluate.spec import Evaluation, gate_metric_names, metric_is_known, task_problems
 from slimlm.stage import HF, ONNX, StageConfig, Strict
 from slimlm.stages import STAGES
 
@@ -59,21 +60,6 @@ class DataSpec(Strict):
                 "and only with it"
             )
         return self
-
-
-class PerplexityEval(Strict):
-    data: str
-    max_tokens: int = Field(8192, ge=16)
-    seq_len: int | None = Field(None, ge=8)
-    stride: int | None = Field(None, ge=1, description="sliding-window stride; non-overlapping windows if unset")
-    batch_size: int = Field(4, ge=1)
-
-
-class Evaluation(Strict):
-    perplexity: PerplexityEval | None = None
-
-    def metric_names(self) -> set[str]:
-        return {"perplexity"} if self.perplexity else set()
 
 
 class Recipe(Strict):
@@ -299,13 +285,13 @@ def apply_override(data: dict, item: str, where: Locator) -> None:
 def check_recipe(recipe: Recipe, where: Locator) -> None:
     """Checks that span fields: names, references to data, stage order, gate metrics."""
     data = recipe.model_dump(mode="json")
-    ev = recipe.evaluation.perplexity
-    if ev and ev.data not in recipe.data:
-        raise where.error(
-            ("evaluation", "perplexity", "data"),
-            data,
-            f"no data source named {ev.data!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})",
-        )
+    for path, value in recipe.evaluation.data_references().items():
+        if value not in recipe.data:
+            raise where.error(
+                path,
+                data,
+                f"no data source named {value!r}; define it under `data:` (have: {', '.join(recipe.data) or 'none'})",
+            )
     for name, spec in recipe.data.items():
         prompts = spec.generate.prompts if spec.generate else None
         if prompts is not None and (prompts not in recipe.data or prompts == name):
@@ -314,12 +300,16 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
                 data,
                 f"no other data source named {prompts!r} to take prompts from",
             )
+    problems = task_problems(recipe.evaluation.lm_eval) if recipe.evaluation.lm_eval else {}
+    if problems:  # a task that does not exist has no metrics to check gates against
+        raise RecipeError("\n".join(where.where(path, data) + ": " + msg for path, msg in problems.items()))
+    evaluation_metrics = gate_metric_names(recipe.evaluation)
     seen: dict[str, int] = {}
     fmt, producer = HF, "the teacher"
     formats = {"teacher": (HF, "the teacher")}
     for i, stage in enumerate(recipe.stages):
         always = ALWAYS_MEASURED_ONNX if stage.produces == ONNX else ALWAYS_MEASURED
-        evaluated = always | recipe.evaluation.metric_names()
+        evaluated = always | evaluation_metrics
         if stage.name == "teacher":
             raise where.error(
                 ("stages", i, "name"), data, "'teacher' is reserved for the input model; rename the stage"
@@ -356,19 +346,35 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
         fmt, producer = stage.produces, f"stage '{stage.name}'"
         formats[stage.name] = (fmt, producer)
         for g, gate in enumerate(stage.gates):
-            available = evaluated | stage.metrics
-            if gate.metric not in available and gate.metric.split(".")[0] not in available:
-                raise where.error(
-                    ("stages", i, "gates", g, "metric"),
-                    data,
-                    f"gate on {gate.metric!r}, which this run does not measure; measured: {', '.join(sorted(available))}",
-                )
-            if gate.relative_to and gate.metric not in evaluated:
-                raise where.error(
-                    ("stages", i, "gates", g, "relative_to"),
-                    data,
-                    f"{gate.metric!r} is only measured by this stage, so it has no {gate.relative_to} value to compare with",
-                )
+            _check_gate(gate, ("stages", i, "gates", g), evaluated, stage.metrics, where, data)
+
+
+def _check_gate(gate, path: tuple, evaluated: set[str], stage_metrics: frozenset[str], where: Locator, data) -> None:
+    available = evaluated | stage_metrics
+    if not metric_is_known(gate.metric, available) and gate.metric.split(".")[0] not in stage_metrics:
+        raise where.error(
+            (*path, "metric"),
+            data,
+            f"gate on {gate.metric!r}, which this run does not measure; measured: {', '.join(sorted(available))}",
+        )
+    if gate.relative_to and not metric_is_known(gate.metric, evaluated):
+        raise where.error(
+            (*path, "relative_to"),
+            data,
+            f"{gate.metric!r} is only measured by this stage, so it has no {gate.relative_to} value to compare with",
+        )
+    if gate.relative_to == "teacher" and gate.metric.startswith("agreement."):
+        raise where.error(
+            (*path, "relative_to"),
+            data,
+            "agreement is measured against the teacher, so it has no teacher value; use an absolute bound (min/max)",
+        )
+    if gate.above_chance and not (gate.metric.startswith("tasks.") and gate.metric.count(".") == 2):
+        raise where.error(
+            (*path, "above_chance"),
+            data,
+            "above_chance applies to a multiple-choice task's accuracy, e.g. metric: tasks.piqa.acc",
+        )
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

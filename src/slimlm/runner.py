@@ -28,7 +28,7 @@ from slimlm.artifacts import (
 )
 from slimlm.errors import GateFailed, RunDirectoryError, SlimlmError
 from slimlm.evaluate.gates import check_gate, failure_message
-from slimlm.evaluate.suite import evaluate_artifact, evaluation_digest
+from slimlm.evaluate.suite import Evaluator, evaluation_digest
 from slimlm.progress import console, status
 from slimlm.recipe import Recipe, recipe_to_yaml
 from slimlm.sources.models import resolve_model
@@ -84,10 +84,23 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
                 error=str(e) if isinstance(e, SlimlmError) else f"{type(e).__name__}: {e}",
             )
             write_json_atomic(layout.run_state, state)
+            _write_report(layout.root)
             raise
         state.update(status="done", finished=now())
         write_json_atomic(layout.run_state, state)
+        _write_report(layout.root)
         return state
+
+
+def _write_report(root: Path) -> None:
+    """The report is a convenience: failing to draw it must never hide the run's own outcome."""
+    from slimlm.report import write_report
+
+    try:
+        md, page = write_report(root)
+        status(f"report: {page}")
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        status(f"[yellow]could not write the report[/]: {type(e).__name__}: {e}; try `slimlm report {root}`")
 
 
 def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> None:
@@ -97,7 +110,8 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
     console.rule(f"[bold]{recipe.name}[/] — teacher")
     teacher_dir = resolve_model(recipe.model, allow_pickle=recipe.allow_pickle, status=status)
     data = DataStore(dict(recipe.data), teacher_dir=teacher_dir, cache_dir=layout.root / "generated")
-    teacher = _teacher_manifest(recipe, layout, teacher_dir, data, device, eval_digest)
+    evaluator = Evaluator(recipe, data, device, tasks_dir=layout.root / "tasks")
+    teacher = _teacher_manifest(recipe, layout, teacher_dir, evaluator, eval_digest)
     state["stages"][TEACHER] = "skipped" if teacher.pop("_reused") else "done"
     _print_metrics(teacher["metrics"])
 
@@ -108,7 +122,7 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
         console.rule(f"[bold]{index:02d}-{stage.name}[/] ({stage.kind})")
         state["stages"][stage.name] = "running"
         write_json_atomic(layout.run_state, state)
-        manifest = _stage_manifest(recipe, layout, index, stage, previous, teacher, data, device, eval_digest)
+        manifest = _stage_manifest(recipe, layout, index, stage, previous, teacher, evaluator, eval_digest)
         state["stages"][stage.name] = "skipped" if manifest.pop("_reused") else "done"
         _print_metrics(manifest["metrics"])
         verdicts = [check_gate(g, manifest["metrics"], teacher["metrics"], previous["metrics"]) for g in stage.gates]
@@ -131,7 +145,7 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
     console.rule(f"done: {layout.root}")
 
 
-def _teacher_manifest(recipe, layout, teacher_dir: Path, data, device, eval_digest) -> dict[str, Any]:
+def _teacher_manifest(recipe, layout, teacher_dir: Path, evaluator: Evaluator, eval_digest) -> dict[str, Any]:
     """Evaluate the teacher once per run directory; reuse while the model and evaluation are unchanged."""
     digest = dir_digest(teacher_dir)
     old = layout.manifest(0, TEACHER)
@@ -144,7 +158,7 @@ def _teacher_manifest(recipe, layout, teacher_dir: Path, data, device, eval_dige
         status("teacher already evaluated; reusing its metrics")
         return {**old, "_reused": True}
     started, t0 = now(), time.perf_counter()
-    metrics = evaluate_artifact(teacher_dir, recipe, data, device)
+    metrics = evaluator.evaluate(teacher_dir)
     manifest = {
         "stage": TEACHER,
         "kind": TEACHER,
@@ -168,7 +182,7 @@ def _teacher_manifest(recipe, layout, teacher_dir: Path, data, device, eval_dige
 
 
 def _stage_manifest(
-    recipe, layout, index: int, stage: StageConfig, previous: dict, teacher: dict, data, device, eval_digest
+    recipe, layout, index: int, stage: StageConfig, previous: dict, teacher: dict, evaluator: Evaluator, eval_digest
 ) -> dict[str, Any]:
     """Run one stage into a partial folder and commit it, or reuse a finished one that still matches."""
     # The teacher (which a corrected teacher replaces) and slimlm's version are part of the key too.
@@ -190,7 +204,7 @@ def _stage_manifest(
         if artifact.exists() and dir_digest(final) == old.get("output_digest"):
             if old.get("evaluation_digest") != eval_digest:
                 status("evaluation settings changed; re-evaluating the existing artifact")
-                old["metrics"] = {**old.get("stage_metrics", {}), **evaluate_artifact(artifact, recipe, data, device)}
+                old["metrics"] = {**old.get("stage_metrics", {}), **evaluator.evaluate(artifact, teacher_dir)}
                 old["evaluation_digest"] = eval_digest
             status("unchanged since the last run; skipping")
             return {**old, "artifact_path": str(artifact), "_reused": True}
@@ -207,13 +221,13 @@ def _stage_manifest(
         teacher_dir=teacher_dir,
         output_dir=partial,
         work_dir=work_dir,
-        data=data,
-        device=device,
+        data=evaluator.data,
+        device=evaluator.device,
         seed=recipe.seed,
     )
     result = STAGES[stage.kind][1](stage, context)
     seconds = round(time.perf_counter() - t0, 2)
-    metrics = {**result.metrics, **evaluate_artifact(partial / result.artifact, recipe, data, device)}
+    metrics = {**result.metrics, **evaluator.evaluate(partial / result.artifact, teacher_dir)}
     manifest = {
         "stage": stage.name,
         "kind": stage.kind,

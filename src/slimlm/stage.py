@@ -34,7 +34,10 @@ class Gate(Strict):
     """A quality bound on one metric of a stage's output.
 
     `min`/`max` are absolute bounds; `min_ratio`/`max_ratio` bound the metric as a multiple of the
-    same metric measured on the teacher or on the previous stage (`relative_to`).
+    same metric measured on the teacher or on the previous stage (`relative_to`). With
+    `above_chance`, a ratio bounds the recovery above chance of a multiple-choice accuracy,
+    (acc - chance) / (acc_reference - chance): small models sit near chance on hard tasks, where a
+    plain ratio says little.
     """
 
     metric: str
@@ -43,6 +46,7 @@ class Gate(Strict):
     max: float | None = None
     min_ratio: float | None = Field(None, gt=0)
     max_ratio: float | None = Field(None, gt=0)
+    above_chance: bool = False
 
     @model_validator(mode="after")
     def _bounds(self) -> Gate:
@@ -53,6 +57,8 @@ class Gate(Strict):
             raise ValueError("min_ratio/max_ratio need relative_to: teacher or previous")
         if not ratio and self.relative_to is not None:
             raise ValueError("relative_to only applies to min_ratio/max_ratio; min/max are absolute bounds")
+        if self.above_chance and not ratio:
+            raise ValueError("above_chance bounds a recovery ratio: add min_ratio and relative_to")
         return self
 
 

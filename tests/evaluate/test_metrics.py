@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slimlm.evaluate.gates import check_gate, metric_value
+from slimlm.evaluate.gates import check_gate, failure_message, metric_value
 from slimlm.evaluate.perplexity import perplexity, torch_logits
 from slimlm.evaluate.size import parameter_counts
 from slimlm.stage import Gate
@@ -60,3 +61,18 @@ def test_gates_absolute_and_relative():
     assert not check_gate(recovery, {"accuracy": 0.94}, {"accuracy": 1.0}, {})["passed"]
     assert not check_gate(recovery, {}, {"accuracy": 1.0}, {})["passed"]  # not measured never passes
     assert metric_value({"a": {"b": 2}}, "a.b") == 2.0 and metric_value({"a": 1}, "a.b") is None
+
+
+def test_above_chance_recovery_gates_pass_and_fail_on_the_threshold():
+    gate = Gate(metric="tasks.piqa.acc", min_ratio=0.9, relative_to="teacher", above_chance=True)
+    teacher = {"tasks": {"piqa": {"acc": 0.70, "chance": 0.5}}}
+    # bound: 0.5 + 0.9 x (0.70 - 0.5) = 0.68; a plain 0.9 x teacher ratio would have asked only 0.63
+    passing = check_gate(gate, {"tasks": {"piqa": {"acc": 0.69, "chance": 0.5}}}, teacher, {})
+    assert passing["passed"] and passing["recovery"] == pytest.approx(0.95) and passing["bounds"] == [">= 0.68"]
+    failing = check_gate(gate, {"tasks": {"piqa": {"acc": 0.65, "chance": 0.5}}}, teacher, {})
+    assert not failing["passed"] and failing["recovery"] == pytest.approx(0.75)
+    assert "above-chance recovery 0.750" in failure_message("distill", failing)
+    no_chance = check_gate(gate, {"tasks": {"piqa": {"acc": 0.9}}}, teacher, {})
+    assert not no_chance["passed"] and "no chance level" in failure_message("distill", no_chance)
+    with pytest.raises(ValueError, match="above_chance bounds a recovery ratio"):
+        Gate(metric="tasks.piqa.acc", min=0.5, above_chance=True)

@@ -25,24 +25,33 @@ def check_gate(gate: Gate, metrics: dict, teacher: dict, previous: dict) -> dict
         bounds.append((">=", gate.min))
     if gate.max is not None:
         bounds.append(("<=", gate.max))
-    reference = None
-    if gate.relative_to is not None:
+    reference, chance, recovery = None, 0.0, None
+    if gate.above_chance:  # the task's chance level, recorded next to its accuracy
+        chance = metric_value(metrics, gate.metric.rsplit(".", 1)[0] + ".chance")
+    if gate.relative_to is not None and chance is not None:
         reference = metric_value(teacher if gate.relative_to == "teacher" else previous, gate.metric)
         if reference is not None:
+            # ratio r of the reference's margin over chance: value >= chance + r x (reference - chance)
             if gate.min_ratio is not None:
-                bounds.append((">=", gate.min_ratio * reference))
+                bounds.append((">=", chance + gate.min_ratio * (reference - chance)))
             if gate.max_ratio is not None:
-                bounds.append(("<=", gate.max_ratio * reference))
+                bounds.append(("<=", chance + gate.max_ratio * (reference - chance)))
+            if gate.above_chance and value is not None and reference != chance:
+                recovery = (value - chance) / (reference - chance)
     measurable = value is not None and (gate.relative_to is None or reference is not None)
     passed = measurable and all(value >= b if op == ">=" else value <= b for op, b in bounds)
-    return {
+    verdict = {
         "gate": describe_gate(gate),
         "metric": gate.metric,
         "value": value,
+        "relative_to": gate.relative_to,
         "reference": reference,
         "bounds": [f"{op} {b:.6g}" for op, b in bounds],
         "passed": bool(passed),
     }
+    if gate.above_chance:
+        verdict.update(chance=chance, recovery=recovery)
+    return verdict
 
 
 def describe_gate(gate: Gate) -> str:
@@ -51,19 +60,24 @@ def describe_gate(gate: Gate) -> str:
         parts.append(f"{gate.metric} >= {gate.min:g}")
     if gate.max is not None:
         parts.append(f"{gate.metric} <= {gate.max:g}")
+    of = "above-chance recovery vs " if gate.above_chance else "x "
     if gate.min_ratio is not None:
-        parts.append(f"{gate.metric} >= {gate.min_ratio:g} x {gate.relative_to}")
+        parts.append(f"{gate.metric} >= {gate.min_ratio:g} {of}{gate.relative_to}")
     if gate.max_ratio is not None:
-        parts.append(f"{gate.metric} <= {gate.max_ratio:g} x {gate.relative_to}")
+        parts.append(f"{gate.metric} <= {gate.max_ratio:g} {of}{gate.relative_to}")
     return " and ".join(parts)
 
 
 def failure_message(stage: str, verdict: dict[str, Any]) -> str:
     if verdict["value"] is None:
         return f"gate '{verdict['gate']}' after stage '{stage}' failed: {verdict['metric']} was not measured"
-    if verdict["reference"] is None and "x " in verdict["gate"]:
+    if verdict.get("chance", 0.0) is None:
+        return f"gate '{verdict['gate']}' after stage '{stage}' failed: {verdict['metric']} has no chance level (not a multiple-choice task)"
+    if verdict["reference"] is None and verdict["relative_to"] is not None:
         return f"gate '{verdict['gate']}' after stage '{stage}' failed: the reference value of {verdict['metric']} is missing"
     ref = f" (reference {verdict['reference']:.6g})" if verdict["reference"] is not None else ""
+    if verdict.get("recovery") is not None:
+        ref += f"; above-chance recovery {verdict['recovery']:.3f} (chance {verdict['chance']:.4g})"
     return (
         f"gate '{verdict['gate']}' after stage '{stage}' failed: measured {verdict['metric']} = "
         f"{verdict['value']:.6g}, required {' and '.join(verdict['bounds'])}{ref}. The stage's output is kept; "

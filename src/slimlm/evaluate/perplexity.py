@@ -8,9 +8,8 @@ import torch
 
 
 def torch_logits(model):
-    """A logits function for a PyTorch causal LM: [batch, seq] ids -> [batch, seq, vocab] logits."""
-    device = next(model.parameters()).device
-    return lambda ids: model(input_ids=ids.to(device), use_cache=False).logits
+    """A logits function for a causal LM (PyTorch or OnnxCausalLM): [batch, seq] ids -> [batch, seq, vocab]."""
+    return lambda ids: model(input_ids=ids.to(model.device), use_cache=False).logits
 
 
 @torch.inference_mode()

@@ -1,15 +1,23 @@
-"""The recipe's evaluation section run on one model artifact (PyTorch or ONNX): size, parameters, perplexity."""
+"""The recipe's evaluation section run on one model artifact (PyTorch or ONNX).
+
+Size and parameters always; perplexity, teacher agreement, lm-eval tasks and speed when the recipe
+asks. An ONNX artifact is scored through onnxruntime (`OnnxCausalLM`), so a gate after export
+measures the exported model, not its PyTorch parent.
+"""
 
 from __future__ import annotations
 
+import gc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimlm.arch import needs_bos_per_window
-from slimlm.artifacts import config_digest
+from slimlm.artifacts import config_digest, file_digest
 from slimlm.evaluate.perplexity import perplexity, torch_logits
 from slimlm.evaluate.size import parameter_counts, size_on_disk
-from slimlm.progress import track
+from slimlm.evaluate.spec import resolve_path
+from slimlm.progress import status, track
 from slimlm.sources.models import load_model, load_tokenizer
 
 if TYPE_CHECKING:
@@ -18,49 +26,94 @@ if TYPE_CHECKING:
 
 
 def evaluation_digest(recipe: Recipe) -> str:
-    """Changes whenever re-evaluation is needed: the evaluation section or the data it reads."""
+    """Changes whenever re-evaluation is needed: the evaluation section, the data it reads, local task files."""
     ev = recipe.evaluation.model_dump(mode="json")
     data = {name: spec.model_dump(mode="json") for name, spec in recipe.data.items()}
-    return config_digest({"evaluation": ev, "data": data, "dtype": recipe.dtype})
+    tasks = recipe.evaluation.lm_eval.tasks if recipe.evaluation.lm_eval else []
+    files = {t.name: file_digest(resolve_path(t.file)) for t in tasks if t.file}
+    return config_digest({"evaluation": ev, "data": data, "dtype": recipe.dtype, "task_files": files})
 
 
 def is_onnx(path: Path) -> bool:
     return (Path(path) / "model.onnx").is_file()
 
 
-def onnx_logits(path: Path):
-    """A logits function backed by onnxruntime, so gates after export measure the exported model itself."""
-    import torch
+@dataclass
+class Evaluator:
+    """Evaluates artifacts for one run; local lm-eval tasks are written once, into `tasks_dir`."""
 
-    from slimlm.edge import EdgeModel
+    recipe: Recipe
+    data: DataStore
+    device: str
+    tasks_dir: Path
 
-    model = EdgeModel(path)
-    return lambda ids: torch.from_numpy(model.logits(ids.numpy()))
+    def __post_init__(self) -> None:
+        if self.recipe.evaluation.lm_eval:
+            from slimlm.evaluate.tasks import write_local_tasks
 
+            write_local_tasks(self.recipe.evaluation.lm_eval, self.data, self.tasks_dir)
 
-def evaluate_artifact(path: Path, recipe: Recipe, data: DataStore, device: str) -> dict[str, Any]:
-    from transformers import AutoConfig
+    def _load(self, path: Path):
+        if is_onnx(path):
+            from slimlm.evaluate.onnx_model import OnnxCausalLM
 
-    metrics: dict[str, Any] = {"size_bytes": size_on_disk(path)}
-    trust = recipe.trust_remote_code
-    if is_onnx(path):
-        logits_fn = onnx_logits(path)
-    else:
-        model = load_model(path, dtype=recipe.dtype, device=device, trust_remote_code=trust)
-        metrics.update(parameter_counts(model))
-        logits_fn = torch_logits(model)
-    ppl = recipe.evaluation.perplexity
-    if ppl is not None:
-        tokenizer = load_tokenizer(path, trust_remote_code=trust)
-        seq_len = ppl.seq_len or recipe.data[ppl.data].seq_len
-        bos = needs_bos_per_window(AutoConfig.from_pretrained(path, trust_remote_code=trust))
-        if ppl.stride is None:
-            tokens = data.blocks(ppl.data, tokenizer, bos_per_window=bos, seq_len=seq_len, max_tokens=ppl.max_tokens)
-        else:  # a sliding window scores one stream; no per-window BOS
-            tokens = data.stream(ppl.data, tokenizer, max_tokens=ppl.max_tokens)
-        result = perplexity(
-            logits_fn, tokens, seq_len=seq_len, stride=ppl.stride, batch_size=ppl.batch_size, progress=track
+            return OnnxCausalLM(path)
+        return load_model(
+            path, dtype=self.recipe.dtype, device=self.device, trust_remote_code=self.recipe.trust_remote_code
         )
-        metrics["perplexity"] = result["perplexity"]
-        metrics["perplexity_detail"] = {"tokens": result["tokens"], "method": result["method"], "data": ppl.data}
-    return metrics
+
+    def evaluate(self, path: Path, teacher_dir: Path | None = None) -> dict[str, Any]:
+        """Metrics of the artifact at `path`; agreement is measured against `teacher_dir` (none for the teacher)."""
+        ev, recipe = self.recipe.evaluation, self.recipe
+        metrics: dict[str, Any] = {"size_bytes": size_on_disk(path)}
+        model = self._load(path)
+        if not is_onnx(path):
+            metrics.update(parameter_counts(model))
+        tokenizer = load_tokenizer(path, trust_remote_code=recipe.trust_remote_code)
+        bos = needs_bos_per_window(model.config)
+        if ev.perplexity is not None:
+            spec = ev.perplexity
+            seq_len = spec.seq_len or recipe.data[spec.data].seq_len
+            if spec.stride is None:
+                tokens = self.data.blocks(
+                    spec.data, tokenizer, bos_per_window=bos, seq_len=seq_len, max_tokens=spec.max_tokens
+                )
+            else:  # a sliding window scores one stream; no per-window BOS
+                tokens = self.data.stream(spec.data, tokenizer, max_tokens=spec.max_tokens)
+            result = perplexity(
+                torch_logits(model),
+                tokens,
+                seq_len=seq_len,
+                stride=spec.stride,
+                batch_size=spec.batch_size,
+                progress=track,
+            )
+            metrics["perplexity"] = result["perplexity"]
+            metrics["perplexity_detail"] = {"tokens": result["tokens"], "method": result["method"], "data": spec.data}
+        if ev.agreement is not None and teacher_dir is not None:
+            from slimlm.evaluate.agreement import teacher_agreement
+
+            spec = ev.agreement
+            blocks = self.data.blocks(
+                spec.data, tokenizer, bos_per_window=bos, seq_len=spec.seq_len, max_tokens=spec.max_tokens
+            )
+            teacher = self._load(teacher_dir)
+            metrics["agreement"] = teacher_agreement(
+                torch_logits(model), torch_logits(teacher), blocks, spec.batch_size, progress=track
+            )
+            del teacher
+        if ev.lm_eval is not None:
+            from slimlm.evaluate.tasks import run_tasks
+
+            status(f"lm-eval: {', '.join(t.name for t in ev.lm_eval.tasks)}")
+            metrics["tasks"] = run_tasks(model, tokenizer, ev.lm_eval, self.tasks_dir)
+        del model
+        gc.collect()  # the speed measurement starts a process of its own; give it the memory back first
+        if ev.speed is not None:
+            from slimlm.evaluate.speed import measure_speed
+
+            status("measuring prefill and decode speed")
+            metrics["speed"] = measure_speed(
+                path, ev.speed, dtype=recipe.dtype, device=self.device, trust_remote_code=recipe.trust_remote_code
+            )
+        return metrics

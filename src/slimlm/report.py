@@ -1,0 +1,291 @@
+"""The run report: `report.md` and a self-contained `report.html` (plots inlined) from a run directory's manifests.
+
+Written at the end of every run, failed ones included (the report says where and why it stopped),
+and on demand by `slimlm report RUN_DIR`. It reads only files, so it also works on a run that
+another machine produced.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimlm.artifacts import RunLayout, read_json
+from slimlm.errors import SlimlmError
+
+
+@dataclass
+class StageRow:
+    index: int
+    name: str
+    kind: str
+    status: str  # done, skipped, gate failed, failed, running, pending, finished earlier
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+    @property
+    def failed_gates(self) -> list[dict[str, Any]]:
+        return [v for v in self.manifest.get("gates", []) if not v["passed"]]
+
+
+def read_run(run_dir: Path) -> tuple[dict[str, Any], list[StageRow]]:
+    """The run's state and one row per stage (teacher first) in recipe order, with what is known of each."""
+    layout = RunLayout(Path(run_dir))
+    state = read_json(layout.run_state)
+    if state is None:
+        raise SlimlmError(f"{run_dir} is not a slimlm run directory (no run.json)")
+    try:
+        stages = yaml.safe_load(layout.recipe.read_text()).get("stages") or []
+        order = [("teacher", "teacher")] + [(s["name"], s["kind"]) for s in stages]
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):
+        order = [(name, "") for name in state.get("stages", {})]
+    rows = []
+    for i, (name, kind) in enumerate(order):
+        manifest = layout.manifest(i, name) or {}
+        last = state.get("stages", {}).get(name)
+        shown = last or ("finished earlier" if manifest else "pending")
+        if manifest.get("status") == "gate_failed" or last == "gate_failed":
+            shown = "gate failed"
+        elif last == "running":
+            shown = "failed" if state["status"] == "failed" else "running"
+        rows.append(StageRow(i, name, kind or manifest.get("kind", ""), shown, manifest))
+    return state, rows
+
+
+def write_report(run_dir: Path) -> tuple[Path, Path]:
+    """Write report.md and report.html into the run directory; returns their paths."""
+    run_dir = Path(run_dir)
+    state, rows = read_run(run_dir)
+    plots = _plots(rows)
+    md, page = run_dir / "report.md", run_dir / "report.html"
+    md.write_text(_markdown(state, rows, run_dir, plots))
+    page.write_text(_html(state, rows, plots))
+    return md, page
+
+
+# ---------------------------------------------------------------- content
+
+
+def _task_metrics(rows: list[StageRow]) -> list[tuple[str, str]]:
+    """(task, metric) pairs measured anywhere in the run, the headline metric of each task first."""
+    pairs: dict[tuple[str, str], None] = {}
+    for row in rows:
+        for task, values in row.metrics.get("tasks", {}).items():
+            for metric in ("acc", "acc_norm", "word_perplexity", "bits_per_byte"):
+                if metric in values:
+                    pairs[(task, metric)] = None
+    return list(pairs)
+
+
+def _columns(rows: list[StageRow]) -> list[tuple[str, Any]]:
+    """The summary table's columns: (header, function of a row giving the cell text)."""
+    teacher = rows[0].metrics if rows else {}
+
+    def number(key, fmt):
+        return lambda r: format(r.metrics[key], fmt) if key in r.metrics else ""
+
+    def nested(section, key, fmt):
+        return lambda r: format(r.metrics[section][key], fmt) if key in r.metrics.get(section, {}) else ""
+
+    def size(r):
+        if "size_bytes" not in r.metrics:
+            return ""
+        ratio = f" ({r.metrics['size_bytes'] / teacher['size_bytes']:.2f}x)" if teacher.get("size_bytes") else ""
+        return f"{r.metrics['size_bytes'] / 1e6:.1f}{ratio}"
+
+    cols: list[tuple[str, Any]] = [
+        ("#", lambda r: f"{r.index:02d}"),
+        ("stage", lambda r: r.name),
+        ("kind", lambda r: r.kind),
+        ("status", lambda r: r.status),
+        ("size MB", size),
+        ("params", number("params", ",")),
+    ]
+    if any("perplexity" in r.metrics for r in rows):
+        cols.append(("perplexity", number("perplexity", ".3f")))
+    if any("agreement" in r.metrics for r in rows):
+        cols += [("top-1 agreement", nested("agreement", "top1", ".4f")), ("KL", nested("agreement", "kl", ".4f"))]
+    for task, metric in _task_metrics(rows):
+        cols.append((f"{task} {metric}", lambda r, t=task, m=metric: _task_cell(r, t, m)))
+    if any("speed" in r.metrics for r in rows):
+        cols += [
+            ("prefill tok/s", nested("speed", "prefill_tokens_per_s", ".1f")),
+            ("decode tok/s", nested("speed", "decode_tokens_per_s", ".1f")),
+            (
+                "peak MB",
+                lambda r: f"{r.metrics['speed']['peak_memory_bytes'] / 1e6:.0f}" if "speed" in r.metrics else "",
+            ),
+        ]
+    cols += [("gates", _gates_cell), ("seconds", lambda r: str(r.manifest.get("seconds", "")))]
+    return cols
+
+
+def _task_cell(row: StageRow, task: str, metric: str) -> str:
+    value = row.metrics.get("tasks", {}).get(task, {}).get(metric)
+    return "" if value is None else f"{value:.4f}"
+
+
+def _gates_cell(row: StageRow) -> str:
+    gates = row.manifest.get("gates", [])
+    failed = row.failed_gates
+    if failed:
+        return "FAILED: " + "; ".join(v["gate"] for v in failed)
+    return f"{len(gates)} passed" if gates else ""
+
+
+def _verdict_lines(row: StageRow) -> list[tuple[str, str, str, str]]:
+    lines = []
+    for v in row.manifest.get("gates", []):
+        measured = "not measured" if v["value"] is None else f"{v['value']:.6g}"
+        if v.get("recovery") is not None:
+            measured += f" (recovery {v['recovery']:.3f})"
+        lines.append((v["gate"], measured, " and ".join(v["bounds"]) or "-", "pass" if v["passed"] else "FAIL"))
+    return lines
+
+
+def _headline(state: dict[str, Any], rows: list[StageRow]) -> str:
+    if state.get("status") == "done":
+        return "The run finished; every gate passed."
+    stopped = next((r for r in rows if r.status in ("gate failed", "failed", "running")), None)
+    where = f" at stage '{stopped.name}'" if stopped else ""
+    return f"The run stopped{where} ({state.get('status')}): {state.get('error', 'no error recorded')}"
+
+
+def _markdown(state: dict[str, Any], rows: list[StageRow], run_dir: Path, plots: dict[str, bytes]) -> str:
+    cols = _columns(rows)
+    out = [f"# slimlm run: {state.get('recipe')}", "", _headline(state, rows), ""]
+    out += [f"Started {state.get('started')}, finished {state.get('finished', '-')}.", ""]
+    out += ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(fn(r).replace("|", "\\|") for _, fn in cols) + " |" for r in rows]
+    for name, png in plots.items():
+        (run_dir / f"report-{name}.png").write_bytes(png)
+        out += ["", f"![{name}](report-{name}.png)"]
+    for row in rows:
+        lines = _verdict_lines(row)
+        if lines:
+            out += [
+                "",
+                f"## Gates after {row.name}",
+                "",
+                "| gate | measured | required | verdict |",
+                "|---|---|---|---|",
+            ]
+            out += [f"| {g} | {m} | {b} | {v} |" for g, m, b, v in lines]
+    return "\n".join(out) + "\n"
+
+
+def _html(state: dict[str, Any], rows: list[StageRow], plots: dict[str, bytes]) -> str:
+    e = html.escape
+    cols = _columns(rows)
+    ok = state.get("status") == "done"
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>slimlm: {e(str(state.get('recipe')))}</title><style>{_CSS}</style></head><body>",
+        f"<h1>slimlm run: {e(str(state.get('recipe')))}</h1>",
+        f"<p class='{'ok' if ok else 'stopped'}' id='headline'>{e(_headline(state, rows))}</p>",
+        f"<p>Started {e(str(state.get('started')))}, finished {e(str(state.get('finished', '-')))}.</p>",
+        "<table id='stages'><tr>" + "".join(f"<th>{e(h)}</th>" for h, _ in cols) + "</tr>",
+    ]
+    for r in rows:
+        css = "failed" if r.status in ("gate failed", "failed") else ""
+        parts.append(f"<tr class='{css}'>" + "".join(f"<td>{e(fn(r))}</td>" for _, fn in cols) + "</tr>")
+    parts.append("</table>")
+    for name, png in plots.items():
+        data = base64.b64encode(png).decode()
+        parts.append(f"<figure><img alt='{e(name)}' src='data:image/png;base64,{data}'></figure>")
+    for row in rows:
+        lines = _verdict_lines(row)
+        if lines:
+            parts.append(f"<h2>Gates after {e(row.name)}</h2><table class='gates'>")
+            parts.append("<tr><th>gate</th><th>measured</th><th>required</th><th>verdict</th></tr>")
+            for g, m, b, v in lines:
+                parts.append(f"<tr class='{'failed' if v == 'FAIL' else ''}'><td>{e(g)}</td><td>{e(m)}</td>")
+                parts.append(f"<td>{e(b)}</td><td class='verdict'>{v}</td></tr>")
+            parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td:nth-child(2), td:first-child { text-align: left; }
+tr.failed td { background: #fde8e8; } .stopped { color: #a00; font-weight: bold; } .ok { color: #060; }
+img { max-width: 100%; }
+"""
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _plots(rows: list[StageRow]) -> dict[str, bytes]:
+    """PNG plots: quality vs size across stages, and per-task scores per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if "size_bytes" in r.metrics]
+    plots: dict[str, bytes] = {}
+    quality = (
+        [("perplexity", "perplexity (lower is better)")] if any("perplexity" in r.metrics for r in measured) else []
+    )
+    tasks = [(t, m) for t, m in _task_metrics(rows) if m.startswith("acc")]
+    if quality or tasks:
+        panels = quality + ([("tasks", "mean task accuracy")] if tasks else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+        for ax, (key, label) in zip(axes[0], panels, strict=True):
+            for r in measured:
+                y = r.metrics.get(key) if key != "tasks" else _mean_task_score(r, tasks)
+                if y is None:
+                    continue
+                ax.scatter(r.metrics["size_bytes"] / 1e6, y, color="#c00" if r.failed_gates else "#1f5fa8")
+                ax.annotate(r.name, (r.metrics["size_bytes"] / 1e6, y), textcoords="offset points", xytext=(4, 4))
+            ax.set_xlabel("size on disk (MB)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        fig.suptitle("quality vs size")
+        plots["quality-vs-size"] = _png(fig)
+    if tasks:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) * max(1, len(measured)) / 3), 4))
+        width = 0.8 / max(1, len(measured))
+        for j, r in enumerate(measured):
+            values = [r.metrics.get("tasks", {}).get(t, {}).get(m, 0.0) for t, m in tasks]
+            ax.bar([i + j * width for i in range(len(tasks))], values, width, label=r.name)
+        for i, (t, _metric) in enumerate(tasks):
+            chance = next(
+                (r.metrics["tasks"][t].get("chance") for r in measured if t in r.metrics.get("tasks", {})), None
+            )
+            if chance is not None:
+                ax.hlines(chance, i - width / 2, i + 0.8 - width / 2, colors="k", linestyles="dashed")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], [f"{t}\n{m}" for t, m in tasks])
+        ax.set_title("task accuracy per stage (dashed: chance)")
+        ax.legend(fontsize="small")
+        plots["tasks"] = _png(fig)
+    return plots
+
+
+def _mean_task_score(row: StageRow, tasks: list[tuple[str, str]]) -> float | None:
+    values = [row.metrics.get("tasks", {}).get(t, {}).get(m) for t, m in tasks]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
