@@ -39,7 +39,11 @@ def write(tmp_path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
-def test_every_shipped_recipe_validates(path):
+def test_every_shipped_recipe_validates(path, monkeypatch):
+    root = path.parents[1]
+    if "../shared/" in path.read_text() and not (root.parent / "shared").is_dir():
+        pytest.skip("this recipe reads ../shared, which is absent")
+    monkeypatch.chdir(root)  # recipes name files relative to the project root
     recipe = load_recipe(path)
     assert recipe.name and recipe.model
 

@@ -10,10 +10,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
-# tqdm reads this when it is imported: lm-eval's and datasets' bars would interleave with slimlm's own progress lines.
-os.environ.setdefault("TQDM_DISABLE", "1")
-
-import typer  # noqa: E402
+import typer
 from rich.table import Table
 
 from slimlm.errors import SlimlmError, StageFailed

@@ -12,8 +12,8 @@ console = Console(stderr=True)
 T = TypeVar("T")
 
 
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar that disappears when done."""
+def new_progress() -> Progress:
+    """A progress display in slimlm's style that disappears when done."""
     columns = (
         TextColumn("  {task.description}"),
         BarColumn(),
@@ -21,8 +21,47 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as progress:
+    return Progress(*columns, console=console, transient=True)
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a progress bar that disappears when done."""
+    with new_progress() as progress:
         yield from progress.track(items, total=total, description=description)
+
+
+class LibraryBar:
+    """Stands in for tqdm inside a library: bars named in `shown` are drawn like slimlm's own, the rest are silent."""
+
+    shown: tuple[str, ...] = ()
+
+    def __init__(self, iterable=None, total=None, desc=None, disable=False, **_):
+        self.iterable = iterable
+        self.progress = None
+        if desc in self.shown and not disable:
+            self.progress = new_progress()
+            self.task = self.progress.add_task(desc, total=total if total is not None else len(iterable))
+            self.progress.start()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def set_description(self, *_, **__) -> None:
+        pass
+
+    set_postfix = set_description
 
 
 def status(message: str) -> None:

@@ -8,6 +8,7 @@ so a pruned, distilled or ONNX-exported model is scored exactly as lm-eval score
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 from slimlm.evaluate.spec import PERPLEXITY_METRICS, LmEvalSpec, TaskSpec, resolve_path
+from slimlm.progress import LibraryBar
 
 
 def write_local_tasks(spec: LmEvalSpec, data, out_dir: Path) -> None:
@@ -110,11 +112,17 @@ def continuation_examples(documents: list[str], task: TaskSpec) -> list[dict[str
 def run_tasks(model, tokenizer, spec: LmEvalSpec, tasks_dir: Path) -> dict[str, dict[str, Any]]:
     """Evaluate `model` (a PyTorch causal LM or OnnxCausalLM) on the spec's tasks; metrics per task."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local tasks never need the hub
-    import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
+    with _lm_eval_progress():
+        return _evaluate(lm, spec, tasks_dir)
+
+
+def _evaluate(lm, spec: LmEvalSpec, tasks_dir: Path) -> dict[str, dict[str, Any]]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=any(t.builtin for t in spec.tasks))
     metrics: dict[str, dict[str, Any]] = {}
     # simple_evaluate takes one limit and one num_fewshot, so tasks that share them run together.
@@ -134,6 +142,28 @@ def run_tasks(model, tokenizer, spec: LmEvalSpec, tasks_dir: Path) -> dict[str, 
         )
         metrics.update(task_metrics(out))
     return metrics
+
+
+class _RequestsBar(LibraryBar):
+    shown = ("Running loglikelihood requests",)
+
+
+@contextlib.contextmanager
+def _lm_eval_progress():
+    """lm-eval's request loop gets a progress bar like slimlm's others; its per-document tqdm bars go quiet."""
+    import importlib
+
+    patched = []
+    for name in ("lm_eval.models.huggingface", "lm_eval.api.model", "lm_eval.api.task"):
+        module = importlib.import_module(name)
+        if hasattr(module, "tqdm"):  # a later lm-eval that draws bars differently keeps its own
+            patched.append((module, module.tqdm))
+            module.tqdm = _RequestsBar
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.tqdm = original
 
 
 def task_metrics(out: dict[str, Any]) -> dict[str, dict[str, Any]]:
