@@ -96,11 +96,19 @@ def _columns(rows: list[StageRow]) -> list[tuple[str, Any]]:
     def nested(section, key, fmt):
         return lambda r: format(r.metrics[section][key], fmt) if key in r.metrics.get(section, {}) else ""
 
-    def size(r):
-        if "size_bytes" not in r.metrics:
+    def versus_teacher(value, reference, fmt):
+        """A figure and its ratio to the teacher's, measured in the same run: `12.3 (0.52x)`."""
+        if value is None:
             return ""
-        ratio = f" ({r.metrics['size_bytes'] / teacher['size_bytes']:.2f}x)" if teacher.get("size_bytes") else ""
-        return f"{r.metrics['size_bytes'] / 1e6:.1f}{ratio}"
+        return format(value, fmt) + (f" ({value / reference:.2f}x)" if reference else "")
+
+    def size(r):
+        value = r.metrics.get("size_bytes")
+        return versus_teacher(value and value / 1e6, teacher.get("size_bytes", 0) / 1e6, ".1f")
+
+    def speed(key):
+        reference = teacher.get("speed", {}).get(key)
+        return lambda r: versus_teacher(r.metrics.get("speed", {}).get(key), reference, ".1f")
 
     cols: list[tuple[str, Any]] = [
         ("#", lambda r: f"{r.index:02d}"),
@@ -118,8 +126,8 @@ def _columns(rows: list[StageRow]) -> list[tuple[str, Any]]:
         cols.append((f"{task} {metric}", lambda r, t=task, m=metric: _task_cell(r, t, m)))
     if any("speed" in r.metrics for r in rows):
         cols += [
-            ("prefill tok/s", nested("speed", "prefill_tokens_per_s", ".1f")),
-            ("decode tok/s", nested("speed", "decode_tokens_per_s", ".1f")),
+            ("prefill tok/s", speed("prefill_tokens_per_s")),
+            ("decode tok/s", speed("decode_tokens_per_s")),
             (
                 "peak MB",
                 lambda r: f"{r.metrics['speed']['peak_memory_bytes'] / 1e6:.0f}" if "speed" in r.metrics else "",

@@ -132,7 +132,10 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
         write_json_atomic(layout.stage_dir(index, stage.name) / MANIFEST, manifest)
         for v in verdicts:
             mark = "[green]pass[/]" if v["passed"] else "[red]FAIL[/]"
-            status(f"gate {v['gate']}: {mark} (measured {v['value']})")
+            measured = "not measured" if v["value"] is None else f"measured {v['value']:.6g}"
+            if v.get("recovery") is not None:
+                measured += f", above-chance recovery {v['recovery']:.3f}"
+            status(f"gate {v['gate']}: {mark} ({measured})")
         if failed:
             state["stages"][stage.name] = "gate_failed"
             raise GateFailed(failure_message(stage.name, failed[0]))
