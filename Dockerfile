@@ -8,11 +8,13 @@ ENV HF_HOME=/cache/huggingface \
     PYTHONUNBUFFERED=1
 WORKDIR /work
 
-# The base image's CUDA torch (2.5.1) satisfies slimlm's torch range, so pip keeps it.
+# The base image's CUDA torch (2.5.1) satisfies slimlm's torch range, so pip keeps it. deepspeed is for the
+# recipes whose distill stage names configs/accelerate/deepspeed-zero3.yaml.
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir . deepspeed
 COPY recipes ./recipes
+COPY configs ./configs
 
 VOLUME ["/cache", "/work/runs"]
 ENTRYPOINT ["slimlm"]

@@ -7,6 +7,7 @@ hidden-state loss with learned projections when widths differ.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -14,6 +15,7 @@ from accelerate import Accelerator
 from pydantic import Field, model_validator
 
 from slimlm import arch
+from slimlm.distill.launch import in_launched_process, run_launched
 from slimlm.distill.losses import LOGIT_LOSSES, hidden_state_loss, layer_mapping, top_k_teacher
 from slimlm.distill.train import TrainPlan, train
 from slimlm.errors import RecipeError, SourceError
@@ -45,6 +47,26 @@ class LoraOptions(Strict):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class LaunchOptions(Strict):
+    """Train in several processes: DDP over `processes` local ones, or an accelerate config (FSDP, DeepSpeed)."""
+
+    processes: int = Field(1, ge=1, description="local processes for DDP (gloo on CPU, NCCL on GPUs)")
+    config: str | None = Field(None, description="an accelerate config file, e.g. configs/accelerate/fsdp.yaml")
+
+    @model_validator(mode="after")
+    def _config_exists(self) -> LaunchOptions:
+        if self.config is not None and not Path(self.config).is_file():
+            raise ValueError(
+                f"accelerate config {self.config} does not exist (paths are relative to the current directory; "
+                "slimlm ships configs/accelerate/fsdp.yaml and deepspeed-zero3.yaml)"
+            )
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        return self.processes > 1 or self.config is not None
+
+
 class DistillConfig(StageConfig):
     kind: Literal["distill"]
     data: str = "train"
@@ -65,6 +87,7 @@ class DistillConfig(StageConfig):
     becomes_teacher: bool = Field(
         False, description="teacher correction: later stages use this output as their teacher"
     )
+    launch: LaunchOptions = LaunchOptions()
 
     metrics = frozenset({"train_loss", "train_tokens", "tokens_per_second"})
 
@@ -87,11 +110,21 @@ def _field_error(config: DistillConfig, field: str, message: str) -> RecipeError
 
 
 class Student(torch.nn.Module):
-    """The student plus the projections that map its hidden states to the teacher's width."""
+    """The student plus the projections that map its hidden states to the teacher's width.
 
-    def __init__(self, model, projections: torch.nn.ModuleList | None):
+    The forward pass goes through this module (not `.model`) so that DDP, FSDP or DeepSpeed,
+    which wrap it, see every call and synchronise gradients.
+    """
+
+    def __init__(self, model, projections: torch.nn.ModuleList | None, layers: list[int]):
         super().__init__()
-        self.model, self.projections = model, projections
+        self.model, self.projections, self.layers = model, projections, layers
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits, and the chosen layers' hidden states projected to the teacher's width."""
+        out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=bool(self.layers))
+        hidden = [self.projections[k](out.hidden_states[i + 1]) for k, i in enumerate(self.layers)]
+        return out.logits, hidden
 
 
 def check_tokenizers(student_tok, teacher_tok) -> None:
@@ -103,6 +136,8 @@ def check_tokenizers(student_tok, teacher_tok) -> None:
 
 
 def run(config: DistillConfig, context: StageContext) -> StageResult:
+    if config.launch.distributed and not in_launched_process():
+        return run_launched(config, context)  # comes back here in each launched process
     recipe, trust = context.recipe, context.recipe.trust_remote_code
     tokenizer = load_tokenizer(context.input_dir, trust_remote_code=trust)
     check_tokenizers(tokenizer, load_tokenizer(context.teacher_dir, trust_remote_code=trust))
@@ -138,7 +173,7 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
 
     if config.method in ("lora", "qlora"):
         student = _with_lora(student, config)
-    projections = None
+    projections, mapping = None, []
     if config.loss.hidden:
         mapping = layer_mapping(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
         s_width, t_width = student.config.hidden_size, teacher.config.hidden_size
@@ -148,16 +183,15 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
                 for _ in mapping
             ]
         )
-    module = Student(student, projections)
+    module = Student(student, projections, [i for i, _ in mapping])
     loss = config.loss
 
     def loss_fn(m: Student, ids: torch.Tensor) -> torch.Tensor:
-        want_hidden = loss.hidden is not None
-        s_out = m.model(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
-        s_logits = s_out.logits[..., :vocab]
+        s_logits, s_hidden = m(ids)
+        s_logits = s_logits[..., :vocab]
         if teacher is not None:
             with torch.no_grad():
-                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
+                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=bool(mapping))
             t_logits = t_out.logits[..., :vocab]
         total = torch.zeros((), device=ids.device)
         if loss.logits != "none":
@@ -171,11 +205,8 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
             total = total + loss.ce_weight * torch.nn.functional.cross_entropy(
                 s_logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1)
             )
-        if want_hidden:
-            pairs = [
-                (m.projections[k](s_out.hidden_states[i + 1]), t_out.hidden_states[j + 1])
-                for k, (i, j) in enumerate(mapping)
-            ]
+        if mapping:
+            pairs = [(s, t_out.hidden_states[j + 1]) for s, (_, j) in zip(s_hidden, mapping, strict=True)]
             total = total + loss.hidden_weight * sum(hidden_state_loss(s, t, loss.hidden) for s, t in pairs) / len(
                 pairs
             )
@@ -198,7 +229,10 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
     log = train(module, loss_fn, blocks, plan, accelerator, context.work_dir, progress=track)
     if log.resumed_from:
         status(f"resumed from the checkpoint at step {log.resumed_from}")
-    trained = accelerator.unwrap_model(module).model
+    unwrapped = accelerator.unwrap_model(module)
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):  # sharded: gather the full weights first
+        unwrapped.load_state_dict(accelerator.get_state_dict(module), strict=False)
+    trained = unwrapped.model
     if config.method == "lora":
         trained = trained.merge_and_unload()
     elif config.method == "qlora":  # merge the adapter into the full-precision weights, not the 4-bit ones
