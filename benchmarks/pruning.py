@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import ROOT, SHARED, write_results
+from common import ROOT, SHARED, peak_rss_of_prune_stage, write_results
 
 from slimlm.compress.importance import collect_importance, layer_removal_loss
 from slimlm.compress.search import candidate_shapes, kl_to_teacher
@@ -71,31 +70,11 @@ def median_seconds(fn, repeats=3) -> float:
     return statistics.median(times)
 
 
-def peak_rss_of_prune_stage(model_dir: Path, seq_len: int, samples: int, params_fraction: float) -> float:
-    """Peak RSS (bytes) of a child process that runs the prune stage alone on the model."""
-    code = f"""
-import tempfile, pathlib, torch
-from slimlm.compress.stage import PruneConfig, run
-from slimlm.recipe import Recipe
-from slimlm.sources.text import DataStore
-from slimlm.stage import StageContext
-recipe = Recipe.model_validate(dict(name="b", model="{model_dir}", data=dict(calibration=dict(
-    source="builtin:python-docs", split="train", seq_len={seq_len}, samples={samples})),
-    stages=[dict(name="prune", kind="prune", target=dict(params={params_fraction}), search=dict(candidates=1))]))
-out = pathlib.Path(tempfile.mkdtemp())
-ctx = StageContext(recipe=recipe, input_dir=pathlib.Path("{model_dir}"), teacher_dir=pathlib.Path("{model_dir}"),
-                   output_dir=out, work_dir=out, data=DataStore(dict(recipe.data)), device="cpu", seed=0)
-run(recipe.stages[0], ctx)
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
-print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")))
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
 def bench_model(name: str, setup: dict) -> dict:
     model_dir = resolve_model(setup["model"], status=lambda m: print("  " + m, file=sys.stderr))
-    rss = peak_rss_of_prune_stage(model_dir, setup["seq_len"], setup["calib_blocks"], 0.75)
+    rss = peak_rss_of_prune_stage(
+        model_dir, setup["seq_len"], setup["calib_blocks"], {"params": 0.75}, search={"candidates": 1}
+    )
     model = load_model(model_dir)
     tok = load_tokenizer(model_dir)
     seq_len = setup["seq_len"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from slimlm.errors import RecipeError, UnsupportedModelError
@@ -89,3 +90,33 @@ def test_unsupported_family_names_the_supported_ones(tmp_path, tokenizer_dir):
         UnsupportedModelError, match="model type 'gpt2' is not supported for pruning; supported: gemma2"
     ):
         run(tmp_path, tmp_path / "gpt2", "{ffn: 64}")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_offloaded_pruning_streams_layers_and_writes_the_same_model(tmp_path, tiny_models, family):
+    """offload: disk keeps layers on disk (accelerate) and prunes the checkpoint weight by weight: same result."""
+    from safetensors.torch import load_file
+
+    target = "{params: 0.7}"
+    overrides = ["stages.prune.search.candidates=2", "stages.prune.depth={method: block_importance}"]
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "offload").mkdir()
+    run(tmp_path / "memory", tiny_models[family], target, *overrides)
+    run(tmp_path / "offload", tiny_models[family], target, *overrides, "stages.prune.offload=disk")
+    folder = "run/01-prune"
+    in_memory = json.loads((tmp_path / "memory" / folder / "manifest.json").read_text())["metrics"]
+    offloaded = json.loads((tmp_path / "offload" / folder / "manifest.json").read_text())["metrics"]
+    proxies = [c.pop("proxy") for c in in_memory["candidates"]]
+    assert [c.pop("proxy") for c in offloaded["candidates"]] == pytest.approx(proxies, rel=1e-4)
+    assert offloaded["candidates"] == in_memory["candidates"]
+    assert offloaded["shape"] == in_memory["shape"] and offloaded["kept_layers"] == in_memory["kept_layers"]
+    a = load_file(tmp_path / "memory" / folder / "model" / "model.safetensors")
+    b = load_file(tmp_path / "offload" / folder / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "offload" / folder / "model")  # plain transformers
+    assert parameter_counts(model)["params"] == offloaded["params"]
+
+
+def test_offload_refuses_weight_magnitude_scores(tmp_path, tiny_llama):
+    with pytest.raises(RecipeError, match="offload streams activations"):
+        run(tmp_path, tiny_llama, "{ffn: 64}", "stages.prune.offload=disk", "stages.prune.width.method=magnitude")

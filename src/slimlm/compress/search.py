@@ -40,6 +40,8 @@ def candidate_shapes(
     for h in hidden:
         for f in ffn:
             for q in heads:
+                if h % q:  # transformers' Llama and Gemma configs refuse a hidden size heads do not divide
+                    continue
                 for n in layers:
                     shape = Shape(h, f, q, base.kv_heads, n)
                     params = count(shape)
@@ -59,12 +61,15 @@ def candidate_shapes(
 
 @torch.inference_mode()
 def kl_to_teacher(student, teacher_logprobs: torch.Tensor, blocks: torch.Tensor) -> float:
-    """Mean KL(teacher || student) per token on the proxy blocks."""
+    """Mean KL(teacher || student) per token on the proxy blocks, one block at a time (vocab-sized tensors are big)."""
     device = next(student.parameters()).device
-    logits = student(input_ids=blocks.to(device), use_cache=False).logits.float()
-    student_logprobs = torch.log_softmax(logits, -1)
-    kl = (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
-    return kl.mean().item()
+    total = 0.0
+    for row, teacher in zip(blocks, teacher_logprobs, strict=True):
+        logits = student(input_ids=row[None].to(device), use_cache=False).logits[0].float()
+        student_logprobs = torch.log_softmax(logits, -1)
+        del logits
+        total += (teacher.exp() * (teacher - student_logprobs)).sum().item()
+    return total / blocks.numel()
 
 
 @torch.inference_mode()

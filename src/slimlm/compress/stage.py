@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -14,10 +15,17 @@ from slimlm import arch
 from slimlm.compress.importance import collect_importance, layer_removal_loss
 from slimlm.compress.search import candidate_shapes, kl_to_teacher, lm_loss
 from slimlm.compress.select import DepthMethod, choose_layers, magnitude_scores, random_scores, select_plan
-from slimlm.compress.surgery import KeepPlan, Shape, predict_parameters, prune_model
+from slimlm.compress.surgery import KeepPlan, Shape, predict_parameters, prune_checkpoint, prune_model
 from slimlm.errors import RecipeError
 from slimlm.progress import status, track
-from slimlm.sources.models import load_model, load_model_owned, load_tokenizer, save_model
+from slimlm.sources.models import (
+    load_model,
+    load_model_offloaded,
+    load_model_owned,
+    load_tokenizer,
+    return_freed_memory_to_the_os,
+    save_model,
+)
 from slimlm.stage import StageConfig, StageContext, StageResult, Strict
 
 SIZE_FIELDS = ("hidden", "ffn", "heads", "kv_heads", "layers")
@@ -74,8 +82,19 @@ class PruneConfig(StageConfig):
     search: SearchOptions = SearchOptions()
     round_to: int = Field(32, ge=1)
     batch_size: int = Field(4, ge=1)
+    offload: Literal["disk", "cpu"] | None = Field(
+        None,
+        description="keep the decoder layers on disk (or, on a GPU host, in CPU memory) and stream each through "
+        "the device when it runs, for models bigger than memory; the pruned model is written weight by weight",
+    )
 
     metrics = frozenset({"importance_seconds", "calibration_tokens"})
+
+    @model_validator(mode="after")
+    def _offload_needs_activations(self) -> PruneConfig:
+        if self.offload and self.width.method == "magnitude":
+            raise ValueError("offload streams activations, not weights: use width.method activation (or random)")
+        return self
 
     def data_references(self) -> dict[str, str]:
         return {"calibration": self.calibration}
@@ -99,6 +118,13 @@ def explicit_shape(config: PruneConfig, base: Shape) -> Shape:
             "target.heads",
             f"{shape.heads} query heads do not divide evenly into {shape.kv_heads} key/value groups",
         )
+    if shape.hidden % shape.heads:
+        raise _field_error(
+            config,
+            "target.hidden",
+            f"{shape.hidden} is not a multiple of {shape.heads} heads, which transformers' Llama and Gemma configs "
+            "require (the pruned model would not load); choose a hidden size or head count that divide",
+        )
     if shape.heads // shape.kv_heads > base.heads // base.kv_heads:
         raise _field_error(
             config,
@@ -111,9 +137,20 @@ def explicit_shape(config: PruneConfig, base: Shape) -> Shape:
 
 def run(config: PruneConfig, context: StageContext) -> StageResult:
     trust = context.recipe.trust_remote_code
-    # Owned (not memory-mapped) weights let the final prune release the source weight by weight.
-    load = load_model_owned if any(context.input_dir.glob("*.safetensors")) else load_model
-    model = load(context.input_dir, dtype=context.recipe.dtype, device=context.device, trust_remote_code=trust)
+    dtype = context.recipe.dtype
+    return_freed_memory_to_the_os()  # weights are loaded and dropped one at a time below; keep the peak honest
+    if config.offload:
+        model = load_model_offloaded(
+            context.input_dir,
+            context.work_dir / "offload",
+            to=config.offload,
+            dtype=dtype,
+            device=context.device,
+            trust_remote_code=trust,
+        )
+    else:  # owned (not memory-mapped) weights let the final prune release the source weight by weight
+        load = load_model_owned if any(context.input_dir.glob("*.safetensors")) else load_model
+        model = load(context.input_dir, dtype=dtype, device=context.device, trust_remote_code=trust)
     arch.family_of(model.config)
     tokenizer = load_tokenizer(context.input_dir, trust_remote_code=trust)
     base = Shape.of(model.config)
@@ -129,11 +166,15 @@ def run(config: PruneConfig, context: StageContext) -> StageResult:
     importance_seconds = time.perf_counter() - t0
     candidates = []
     if shape is None:
-        shape, candidates = search(config, model, base, blocks, plan_for, context.device)
+        shape, candidates = search(config, model, base, blocks, plan_for, context)
 
     plan = plan_for(shape)
-    pruned = prune_model(model, plan, shape, consume=True)  # releases the source weights as it goes
-    save_model(pruned, tokenizer, context.output_dir / "model")
+    if config.offload:
+        prune_checkpoint(context.input_dir, plan, shape, context.output_dir / "model", model.config, model.dtype)
+        tokenizer.save_pretrained(context.output_dir / "model")
+    else:
+        pruned = prune_model(model, plan, shape, consume=True)  # releases the source weights as it goes
+        save_model(pruned, tokenizer, context.output_dir / "model")
     status(f"pruned to {dataclasses.asdict(shape)}, keeping layers {plan.layers}")
     return StageResult(
         artifact="model",
@@ -192,7 +233,12 @@ def score(
 
 
 def search(
-    config: PruneConfig, model, base: Shape, blocks: torch.Tensor, plan_for: Callable[[Shape], KeepPlan], device: str
+    config: PruneConfig,
+    model,
+    base: Shape,
+    blocks: torch.Tensor,
+    plan_for: Callable[[Shape], KeepPlan],
+    context: StageContext,
 ) -> tuple[Shape, list[dict]]:
     """The shapes that fit the budget, each pruned and ranked by the proxy; the best one wins."""
     kind = "params" if config.target.params is not None else "nonembedding_params"
@@ -224,12 +270,18 @@ def search(
     proxy_blocks = blocks[: config.search.proxy_samples]
     teacher_logprobs = None
     if config.search.proxy == "kl":
-        with torch.inference_mode():
-            logits = model(input_ids=proxy_blocks.to(device), use_cache=False).logits.float()
-            teacher_logprobs = torch.log_softmax(logits, -1)
+        with torch.inference_mode():  # one block at a time: [seq, vocab] logits are the largest tensors here
+            teacher_logprobs = torch.stack(
+                [
+                    torch.log_softmax(
+                        model(input_ids=row[None].to(context.device), use_cache=False).logits[0].float(), -1
+                    )
+                    for row in proxy_blocks
+                ]
+            )
     candidates = []
     for s, params in track(found, "candidate shapes"):
-        student = prune_model(model, plan_for(s), s)
+        student = _candidate(config, model, plan_for(s), s, context)
         proxy = (
             kl_to_teacher(student, teacher_logprobs, proxy_blocks)
             if teacher_logprobs is not None
@@ -238,5 +290,23 @@ def search(
         del student
         candidates.append({**dataclasses.asdict(s), kind: params, "proxy": proxy})
         status(f"candidate {dataclasses.asdict(s)}: {kind}={params:,} proxy={proxy:.4g}")
+    shutil.rmtree(context.work_dir / "candidate", ignore_errors=True)
     best = min(candidates, key=lambda c: c["proxy"])
     return Shape(**{f: best[f] for f in SIZE_FIELDS}), candidates
+
+
+def _candidate(config: PruneConfig, model, plan: KeepPlan, shape: Shape, context: StageContext):
+    """A candidate pruned model to score: in memory, or (offload) written to disk and streamed like the source."""
+    if not config.offload:
+        return prune_model(model, plan, shape)
+    folder = context.work_dir / "candidate"
+    shutil.rmtree(folder, ignore_errors=True)
+    prune_checkpoint(context.input_dir, plan, shape, folder, model.config, model.dtype)
+    return load_model_offloaded(
+        folder,
+        context.work_dir / "offload-candidate",
+        to=config.offload,
+        dtype=context.recipe.dtype,
+        device=context.device,
+        trust_remote_code=context.recipe.trust_remote_code,
+    )

@@ -8,9 +8,12 @@ reloads as a standard Hugging Face directory.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -167,28 +170,23 @@ def prune_model(model, plan: KeepPlan, shape: Shape, *, consume: bool = False):
     """
     config = model.config
     new_config = pruned_config(config, shape, plan.layers)
-    renumber = {old: new for new, old in enumerate(plan.layers)}
     state = {}
-    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
     tied = {"lm_head.weight"} if getattr(new_config, "tie_word_embeddings", False) else set()
     for name in list(model.state_dict()):  # names only: holding the dict would keep every source tensor alive
-        m = LAYER_KEY.match(name)
-        layer = int(m.group(1)) if m else None
         if name in tied:
             continue  # re-tied to the pruned embedding below
-        tensor, sliced = _tensor(model, name), None
-        if layer is None or layer in renumber:
-            sliced = tensor
-            for axis, dim in weight_axes(name).items():
-                sliced = sliced.index_select(axis, _indices(dim, layer, plan, config).to(tensor.device))
-            new_name = f"model.layers.{renumber[layer]}.{m.group(2)}" if m else name
-            state[new_name] = sliced  # index_select copied pruned tensors; untouched ones are shared, never written
-        if consume and sliced is not tensor:  # dropped, or copied by index_select: release the source
+        tensor = _tensor(model, name)
+        kept = slice_weight(name, tensor, plan, config)
+        if kept is not None:
+            state[kept[0]] = kept[1]  # index_select copied pruned tensors; untouched ones are shared, never written
+        if consume and (kept is None or kept[1] is not tensor):  # dropped, or copied: release the source
             module_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(module_name)
             if attr in owner._parameters:
                 owner._parameters[attr] = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
-        del tensor, sliced
+        del tensor, kept
     with no_init_weights():  # no throwaway random init (its untouched pages never become resident)
         pruned = AutoModelForCausalLM.from_config(new_config, dtype=dtype)
     missing, unexpected = pruned.load_state_dict(state, strict=False, assign=True)
@@ -198,6 +196,65 @@ def prune_model(model, plan: KeepPlan, shape: Shape, *, consume: bool = False):
         pruned.tie_weights()
     pruned.generation_config = copy.deepcopy(model.generation_config)
     return pruned.to(device).eval()
+
+
+def slice_weight(name: str, tensor: torch.Tensor, plan: KeepPlan, config) -> tuple[str, torch.Tensor] | None:
+    """The kept part of one weight under its pruned name, or None when its layer is dropped."""
+    m = LAYER_KEY.match(name)
+    layer = int(m.group(1)) if m else None
+    if layer is not None and layer not in plan.layers:
+        return None
+    for axis, dim in weight_axes(name).items():
+        tensor = tensor.index_select(axis, _indices(dim, layer, plan, config).to(tensor.device))
+    return (f"model.layers.{plan.layers.index(layer)}.{m.group(2)}" if m else name), tensor
+
+
+def prune_checkpoint(
+    source: Path, plan: KeepPlan, shape: Shape, out: Path, config, dtype: torch.dtype, shard_bytes: int = 1 << 26
+) -> None:
+    """Prune a safetensors checkpoint on disk into `out`, one weight at a time (no model is built).
+
+    Peak memory is one source weight plus one output shard, whatever the model's size.
+    """
+    from safetensors.torch import save_file
+
+    from slimlm.sources.models import read_safetensors
+
+    new_config = pruned_config(config, shape, plan.layers)
+    tied = getattr(new_config, "tie_word_embeddings", False)
+    out.mkdir(parents=True, exist_ok=True)
+    current: dict[str, torch.Tensor] = {}
+    where: dict[str, int] = {}
+    shard = 1
+    size = total = 0
+
+    def flush() -> None:
+        save_file(current, str(out / f".shard-{shard:05d}"), metadata={"format": "pt"})
+        current.clear()  # written: drop the tensors
+
+    for name, tensor in read_safetensors(source):
+        kept = None if tied and name == "lm_head.weight" else slice_weight(name, tensor, plan, config)
+        if kept is None:
+            continue
+        weight = (kept[1].to(dtype) if kept[1].is_floating_point() else kept[1]).contiguous()
+        if current and size + weight.nbytes > shard_bytes:
+            flush()
+            shard, size = shard + 1, 0
+        current[kept[0]], where[kept[0]] = weight, shard
+        size, total = size + weight.nbytes, total + weight.nbytes
+    flush()
+
+    def final(i: int) -> str:
+        return "model.safetensors" if shard == 1 else f"model-{i:05d}-of-{shard:05d}.safetensors"
+
+    for i in range(1, shard + 1):
+        (out / f".shard-{i:05d}").rename(out / final(i))
+    if shard > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {n: final(i) for n, i in sorted(where.items())}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    new_config.save_pretrained(out)
+    if (source / "generation_config.json").is_file():
+        shutil.copy2(source / "generation_config.json", out / "generation_config.json")
 
 
 def _tensor(model, name: str) -> torch.Tensor:

@@ -229,27 +229,13 @@ def load_model_owned(path: Path, *, dtype: str = "float32", device: str = "cpu",
     of the file is gone. Reading each tensor into its own buffer lets a consumer (pruning) free the
     source model weight by weight, keeping peak memory near one model instead of two.
     """
-    import json
-    import struct
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     target = getattr(torch, dtype)
-    state = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with open(file, "rb") as f:
-            size = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(size))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                tensor = torch.empty(info["shape"], dtype=getattr(torch, SAFETENSORS_DTYPES[info["dtype"]]))
-                f.seek(8 + size + info["data_offsets"][0])
-                f.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
-                state[name] = tensor.to(target) if tensor.is_floating_point() else tensor
+    state = {name: t.to(target) if t.is_floating_point() else t for name, t in read_safetensors(path)}
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=target, trust_remote_code=trust_remote_code)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -263,3 +249,85 @@ def load_model_owned(path: Path, *, dtype: str = "float32", device: str = "cpu",
     if (Path(path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.to(device).eval()
+
+
+def read_safetensors(path: Path):
+    """Yield (name, tensor) for every tensor in a directory's safetensors files, one at a time, each in its own
+    memory (read, not memory-mapped), so a caller that drops each tensor holds one at a time."""
+    import json
+    import struct
+
+    import torch
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                tensor = torch.empty(info["shape"], dtype=getattr(torch, SAFETENSORS_DTYPES[info["dtype"]]))
+                f.seek(8 + size + info["data_offsets"][0])
+                f.readinto(tensor.reshape(-1).view(torch.uint8).numpy())
+                yield name, tensor
+
+
+def load_model_offloaded(
+    path: Path,
+    offload_dir: Path,
+    *,
+    to: str = "disk",
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM whose decoder layers stay off the device: accelerate brings each layer's weights in when
+    the layer runs and drops them after, so the device holds one layer (plus embeddings and activations).
+
+    `to="disk"`: safetensors are read in place (other formats are first written to `offload_dir`).
+    `to="cpu"`: layers live in CPU memory and visit the GPU one at a time (a GPU host with enough RAM).
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    main = 0 if device == "cuda" else "cpu"
+    device_map = {}
+    for name, child in skeleton.model.named_children():
+        if isinstance(child, torch.nn.ModuleList):  # the decoder layers
+            device_map.update({f"model.{name}.{i}": to for i in range(len(child))})
+        else:
+            device_map[f"model.{name}"] = main
+    for name, _ in skeleton.named_children():
+        if name != "model":
+            device_map[name] = main
+    offload_dir.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=getattr(torch, dtype),
+        device_map=device_map,
+        offload_folder=str(offload_dir),
+        trust_remote_code=trust_remote_code,
+    )
+    return model.eval()
+
+
+def return_freed_memory_to_the_os() -> None:
+    """Make glibc hand large freed blocks straight back to the OS.
+
+    glibc raises its mmap threshold each time a large block is freed, after which blocks of that
+    size come from the heap and stay resident when freed; code that loads and drops weights one
+    layer at a time then keeps growing. A fixed 1 MiB threshold keeps every weight-sized block in
+    its own mapping. No-op where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
