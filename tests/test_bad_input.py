@@ -101,6 +101,7 @@ CASES = [
     ("unsupported-architecture", {"model": "GPT2"}, [], 2, "model type 'gpt2' is not supported"),
     ("prune-target-too-large", {"set": ["stages.prune.target={hidden: 4096}"]}, [], 2, "larger than the model's 64"),
     ("heads-not-divisible", {"set": ["stages.prune.target={heads: 3}"]}, [], 2, "do not divide evenly"),
+    ("hidden-not-multiple-of-heads", {"set": ["stages.prune.target={hidden: 62}"]}, [], 2, "not a multiple of 4 heads"),
     ("budget-nothing-fits", {"set": ["stages.prune.target={params: 0.01}"]}, [], 2, "no shape with widths"),
     (
         "missing-data-file",
