@@ -129,7 +129,7 @@ def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")], set_: 
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Show which stages of a run are done, skipped, failed or pending, with their key metrics."""
-    from slimlm.report import read_run
+    from slimlm.report import gates_summary, read_run
 
     try:
         state, rows = read_run(run_dir)
@@ -140,8 +140,6 @@ def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
         table.add_column(col)
     for row in rows:
         m = row.metrics
-        failed = [v["gate"] for v in row.failed_gates]
-        passed = len(row.manifest.get("gates", []))
         table.add_row(
             f"{row.index:02d}",
             row.name,
@@ -149,7 +147,7 @@ def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
             f"{m['params']:,}" if "params" in m else "",
             f"{m['size_bytes'] / 1e6:.1f}" if "size_bytes" in m else "",
             f"{m['perplexity']:.3f}" if "perplexity" in m else "",
-            ("FAIL: " + "; ".join(failed)) if failed else (f"{passed} passed" if passed else ""),
+            gates_summary(row),
             str(row.manifest.get("seconds", "")),
         )
     _stdout().print(table)

@@ -133,7 +133,7 @@ def _columns(rows: list[StageRow]) -> list[tuple[str, Any]]:
                 lambda r: f"{r.metrics['speed']['peak_memory_bytes'] / 1e6:.0f}" if "speed" in r.metrics else "",
             ),
         ]
-    cols += [("gates", _gates_cell), ("seconds", lambda r: str(r.manifest.get("seconds", "")))]
+    cols += [("gates", gates_summary), ("seconds", lambda r: str(r.manifest.get("seconds", "")))]
     return cols
 
 
@@ -142,7 +142,8 @@ def _task_cell(row: StageRow, task: str, metric: str) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def _gates_cell(row: StageRow) -> str:
+def gates_summary(row: StageRow) -> str:
+    """`2 passed`, or `FAILED:` and the gates that failed."""
     gates = row.manifest.get("gates", [])
     failed = row.failed_gates
     if failed:
