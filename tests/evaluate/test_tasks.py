@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from slimlm.errors import StageFailed
 from slimlm.evaluate.agreement import teacher_agreement
 from slimlm.evaluate.onnx_model import OnnxCausalLM
 from slimlm.evaluate.perplexity import torch_logits
@@ -140,3 +141,16 @@ def test_speed_is_measured_in_a_child_process_for_pytorch_and_onnx(tiny_llama, t
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_tokens_per_s_b2", "decode_tokens_per_s_b2"):
             assert figures[key] > 0, (path, key)
         assert figures["peak_memory_bytes"] > 50e6  # a Python process with torch or onnxruntime loaded
+
+
+def test_an_lm_eval_failure_is_one_message_with_the_fix(tiny_llama, tmp_path, monkeypatch):
+    import lm_eval
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    spec = LmEvalSpec(tasks=[TaskSpec(name="arc_easy")])
+    with pytest.raises(StageFailed, match="could not evaluate arc_easy: ConnectionError: .*define the task locally"):
+        run_tasks(model, AutoTokenizer.from_pretrained(tiny_llama), spec, tmp_path)

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from slimlm.errors import StageFailed
 from slimlm.evaluate.spec import PERPLEXITY_METRICS, LmEvalSpec, TaskSpec, resolve_path
 from slimlm.progress import LibraryBar
 
@@ -132,15 +133,25 @@ def _evaluate(lm, spec: LmEvalSpec, tasks_dir: Path) -> dict[str, dict[str, Any]
         key = (task.limit or spec.limit, task.num_fewshot if task.num_fewshot is not None else spec.num_fewshot)
         groups.setdefault(key, []).append(task)
     for (limit, fewshot), tasks in groups.items():
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[t.name for t in tasks],
-            num_fewshot=fewshot,
-            limit=limit,
-            task_manager=manager,
-            bootstrap_iters=1000,
-            log_samples=True,
-        )
+        names = [t.name for t in tasks]
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                num_fewshot=fewshot,
+                limit=limit,
+                task_manager=manager,
+                bootstrap_iters=1000,
+                log_samples=True,
+            )
+        except Exception as e:  # e.g. a built-in task's dataset that cannot be downloaded
+            hint = (
+                "; built-in tasks download their datasets from the Hugging Face hub: without it, define the task "
+                "locally (file: or data:)"
+                if any(t.builtin for t in tasks)
+                else ""
+            )
+            raise StageFailed(f"lm-eval could not evaluate {', '.join(names)}: {type(e).__name__}: {e}{hint}") from e
         metrics.update(task_metrics(out))
     return metrics
 
