@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -104,10 +105,9 @@ def bare_loop_tokens_per_second(run_dir: Path, s: dict, steps: int = 8) -> float
         s["seq_len"],
     )
     opt = torch.optim.AdamW(student.parameters(), lr=s["lr"], weight_decay=0.0)
-    t0 = None
-    for step in range(steps + 1):  # the first step warms up and is not timed
-        if step == 1:
-            t0 = time.perf_counter()
+    # Timed from the first step, as the stage's own tokens/s is: both include the cold first step.
+    t0 = time.perf_counter()
+    for step in range(steps):
         ids = blocks[step * s["batch_size"] : (step + 1) * s["batch_size"]]
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, use_cache=False).logits
@@ -140,19 +140,20 @@ def bench(name: str, s: dict, budgets: list[int]) -> dict:
                     "tokens_per_second": m["tokens_per_second"],
                 }
             )
-    teacher = manifest(run_dir, "00-teacher")["metrics"]["perplexity"]
-    pruned = manifest(run_dir, "01-prune")["metrics"]
-    for r in rows:
-        gap = math.log(pruned["perplexity"]) - math.log(teacher)
-        r["gap_closed"] = (math.log(pruned["perplexity"]) - math.log(r["perplexity"])) / gap if gap > 0 else None
     # Throughput: the stage's loop vs a bare loop, three times each on a short budget, medians.
     short = 8 * s["batch_size"] * s["seq_len"]
     ours, bare = [], []
     for i in range(3):
         run_dir = base / f"throughput-{i}"
+        shutil.rmtree(run_dir / "02-distill", ignore_errors=True)  # a timing must run, not be skipped as unchanged
         run_recipe(recipe(name, s, [distill_stage(s, short, {"logits": "forward_kl"})]), run_dir)
         ours.append(manifest(run_dir, "02-distill")["metrics"]["tokens_per_second"])
         bare.append(bare_loop_tokens_per_second(run_dir, s))
+    teacher = manifest(run_dir, "00-teacher")["metrics"]["perplexity"]
+    pruned = manifest(run_dir, "01-prune")["metrics"]
+    for r in rows:
+        gap = math.log(pruned["perplexity"]) - math.log(teacher)
+        r["gap_closed"] = (math.log(pruned["perplexity"]) - math.log(r["perplexity"])) / gap if gap > 0 else None
     return {
         "model": name,
         "teacher_perplexity": teacher,
@@ -187,7 +188,7 @@ def print_table(r: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*")
-    parser.add_argument("--budgets", nargs="*", type=int, help="token budgets (default per model)")
+    parser.add_argument("--budgets", nargs="*", type=int, help="token budgets (default per model); 0: throughput only")
     parser.add_argument("--out", type=Path, default=RESULTS / "distill.json")
     args = parser.parse_args()
     available = setups()
@@ -196,7 +197,8 @@ def main() -> None:
         if name not in available:
             print(f"skipping {name}: not available here", file=sys.stderr)
             continue
-        results.append(bench(name, available[name], args.budgets or available[name]["budgets"]))
+        budgets = available[name]["budgets"] if args.budgets is None else [b for b in args.budgets if b > 0]
+        results.append(bench(name, available[name], budgets))
         print_table(results[-1])
         sys.stdout.flush()
     write_results(args.out, {"results": results})

@@ -1,0 +1,74 @@
+"""Where int8/int4 top-1 agreement is lost: embedding precision and MatMulNBits accuracy level, on one model.
+
+Exports the model once to fp32 ONNX, quantizes it several ways with onnxruntime, and reports top-1
+agreement and KL with the PyTorch model on held-out python-docs text, size, and decode tokens/s
+(`EdgeModel`, batch 1, median of 3, all variants interleaved in one run).
+
+    .venv/bin/python benchmarks/quantize_variants.py [--model runs/quickstart/02-distill/model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from common import RESULTS, write_results
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from slimlm.edge import EdgeModel
+from slimlm.quantize.export import parity
+from slimlm.quantize.onnx_export import export_onnx
+from slimlm.quantize.ort_quantize import quantize_weights
+from slimlm.recipe import DataSpec
+from slimlm.sources.text import DataStore
+
+VARIANTS = {
+    "int8, 4-bit embeddings, accuracy 4 (slimlm's int8)": dict(bits=8),
+    "int8, fp32 embeddings, accuracy 4": dict(bits=8, embeddings=False),
+    "int8, 4-bit embeddings, accuracy 1 (fp32 compute)": dict(bits=8, accuracy_level=1),
+    "int8, fp32 embeddings, accuracy 1 (fp32 compute)": dict(bits=8, embeddings=False, accuracy_level=1),
+    "int4, 4-bit embeddings, accuracy 4 (slimlm's int4)": dict(bits=4),
+    "int4, fp32 embeddings, accuracy 1 (fp32 compute)": dict(bits=4, embeddings=False, accuracy_level=1),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("runs/quickstart/02-distill/model"))
+    parser.add_argument("--new-tokens", type=int, default=48)
+    args = parser.parse_args()
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = DataStore({"eval": DataSpec(source="builtin:python-docs", split="test", seq_len=256)})
+    blocks = data.blocks("eval", tokenizer, bos_per_window=False, max_tokens=1024)
+    work = RESULTS / "quantize-variants"
+    export_onnx(model, args.model, work / "fp32")
+    dirs = {"fp32 ONNX": work / "fp32"}
+    for i, (name, options) in enumerate(VARIANTS.items()):
+        quantize_weights(work / "fp32", work / f"v{i}", **options)
+        dirs[name] = work / f"v{i}"
+    edges = {name: EdgeModel(d) for name, d in dirs.items()}
+    prompt = edges["fp32 ONNX"].tokenizer.encode("def fibonacci(n):\n    ").ids
+    speeds: dict[str, list[float]] = {name: [] for name in dirs}
+    for _ in range(3):
+        for name, edge in edges.items():
+            t0 = time.perf_counter()
+            produced = len(list(edge.generate_ids(prompt, args.new_tokens)))
+            speeds[name].append(produced / (time.perf_counter() - t0))
+    rows = []
+    print("\n| variant | top-1 agreement | KL | ONNX MB | decode tok/s |\n|---|---|---|---|---|")
+    for name, folder in dirs.items():
+        m = parity(model, folder, blocks, 8)
+        row = {"variant": name, "top1": m["top1_agreement"], "kl": m["kl"], "bytes": m["onnx_bytes"]}
+        row["tokens_per_second"] = statistics.median(speeds[name])
+        rows.append(row)
+        print(
+            f"| {name} | {row['top1']:.4f} | {row['kl']:.4f} | {row['bytes'] / 1e6:.0f} | {row['tokens_per_second']:.1f} |"
+        )
+    write_results(RESULTS / "quantize_variants.json", {"model": str(args.model), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
