@@ -262,4 +262,13 @@ def _stage_manifest(
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    # and the headline of each nested section (the report has the rest)
+    if "agreement" in metrics:
+        shown["agreement.top1"] = metrics["agreement"]["top1"]
+    for task, values in metrics.get("tasks", {}).items():
+        headline = next((m for m in ("acc", "word_perplexity") if m in values), None)
+        if headline:
+            shown[f"tasks.{task}.{headline}"] = values[headline]
+    if "speed" in metrics:
+        shown["speed.decode_tokens_per_s"] = metrics["speed"]["decode_tokens_per_s"]
     status("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v:,}" for k, v in shown.items()))
