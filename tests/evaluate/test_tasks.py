@@ -127,7 +127,7 @@ def test_agreement_of_a_model_with_itself_and_with_another(tiny_models):
         b.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
     blocks = torch.randint(0, a.config.vocab_size, (3, 16))
     same = teacher_agreement(torch_logits(a), torch_logits(a), blocks, batch_size=2)
-    assert same == {"top1": 1.0, "kl": pytest.approx(0.0, abs=1e-6), "tokens": 48}
+    assert same == {"top1": 1.0, "kl": pytest.approx(0.0, abs=1e-6), "tokens": 48, "max_logit_diff": 0.0}
     other = teacher_agreement(torch_logits(b), torch_logits(a), blocks, batch_size=2)
     assert other["top1"] < 1.0 and other["kl"] > 1e-4
 

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from slimlm import arch
 from slimlm.errors import RecipeError, SourceError, StageFailed, UnsupportedModelError
+from slimlm.evaluate.agreement import teacher_agreement
 from slimlm.progress import status
 from slimlm.quantize.onnx_export import copy_side_files, export_onnx
 from slimlm.quantize.ort_quantize import quantize_weights
@@ -145,15 +146,10 @@ def parity(model, onnx_dir: Path, blocks: torch.Tensor, greedy_steps: int) -> di
     from slimlm.edge import EdgeModel
 
     edge = EdgeModel(onnx_dir)
-    max_diff, agree, kl, count = 0.0, 0, 0.0, 0
-    for row in blocks:
-        ref = model(input_ids=row[None], use_cache=False).logits[0].float()
-        got = torch.from_numpy(edge.logits(row[None].numpy()))[0].float()
-        max_diff = max(max_diff, (ref - got).abs().max().item())
-        agree += (ref.argmax(-1) == got.argmax(-1)).sum().item()
-        p, q = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
-        kl += (p.exp() * (p - q)).sum().item()
-        count += row.numel()
+    # the PyTorch parent plays the teacher: KL(parent || export), one block at a time
+    agreement = teacher_agreement(
+        lambda ids: edge.logits(ids.numpy()), lambda ids: model(input_ids=ids, use_cache=False).logits, blocks, 1
+    )
     prompt = blocks[0, : min(16, blocks.shape[1])]
     expected = model.generate(
         prompt[None], attention_mask=torch.ones_like(prompt[None]), max_new_tokens=greedy_steps, do_sample=False
@@ -161,9 +157,9 @@ def parity(model, onnx_dir: Path, blocks: torch.Tensor, greedy_steps: int) -> di
     produced = list(edge.generate_ids(prompt.tolist(), greedy_steps))
     same = sum(a == b for a, b in zip(expected, produced, strict=False)) / max(len(expected), len(produced), 1)
     return {
-        "max_logit_diff": max_diff,
-        "top1_agreement": agree / count,
-        "kl": kl / count,
+        "max_logit_diff": agreement["max_logit_diff"],
+        "top1_agreement": agreement["top1"],
+        "kl": agreement["kl"],
         "greedy_agreement": same,
         "greedy_tokens": {"pytorch": expected, "onnx": produced},
         "onnx_bytes": int(sum(p.stat().st_size for p in onnx_dir.iterdir() if p.name.startswith("model.onnx"))),
