@@ -101,7 +101,7 @@ def test_local_text_formats(tmp_path):
     (tmp_path / "a.txt").write_text("first doc\nline two\n\nsecond doc\n")
     (tmp_path / "a.jsonl").write_text(json.dumps({"content": "one"}) + "\n" + json.dumps({"content": "two"}) + "\n")
     pq.write_table(pa.table({"body": ["x", "y", "z"]}), tmp_path / "a.parquet")
-    assert load_documents(DataSpec(source=str(tmp_path / "a.txt"))) == ["first doc\nline two", "second doc"]
+    assert load_documents(DataSpec(source=str(tmp_path / "a.txt"))) == ["first doc\nline two\n\nsecond doc"]
     assert load_documents(DataSpec(source=str(tmp_path / "a.jsonl"), field="content")) == ["one", "two"]
     assert load_documents(DataSpec(source=str(tmp_path / "a.parquet"), field="body")) == ["x", "y", "z"]
     with pytest.raises(SourceError, match=r"a.jsonl:1: no field 'text' \(found \['content'\]\)"):
@@ -111,6 +111,33 @@ def test_local_text_formats(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(SourceError, match="holds no text"):
         load_documents(DataSpec(source=str(tmp_path / "empty.txt")))
+
+
+def test_text_file_splits_into_head_and_tail_at_a_paragraph_break(tmp_path, tokenizer_dir):
+    paragraphs = [f"Paragraph {i} of the story goes on.\nIt has a second line." for i in range(40)]
+    (tmp_path / "story.txt").write_text("\n\n".join(paragraphs) + "\n")
+    spec = dict(source=str(tmp_path / "story.txt"), test_fraction=0.25)
+    [train] = load_documents(DataSpec(**spec, split="train"))
+    [test] = load_documents(DataSpec(**spec, split="test"))
+    # Contiguous and whole: nothing lost, nothing reordered, the cut falls between paragraphs.
+    assert train + "\n\n" + test == "\n\n".join(paragraphs)
+    assert test.startswith("Paragraph ") and 0.15 < len(test) / (len(train) + len(test)) < 0.3
+    # Within a text file no EOS is invented between paragraphs.
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert token_stream([test], tok).count(tok.eos_token_id) == 1
+    (tmp_path / "one-line.txt").write_text("too short to split")
+    with pytest.raises(SourceError, match="too short to split into train and test; use split: all"):
+        load_documents(DataSpec(source=str(tmp_path / "one-line.txt"), split="test"))
+
+
+def test_long_documents_are_tokenized_in_pieces_that_join_up(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    doc = "\n".join(f"line {i} says hello" for i in range(8000))
+    whole = tok(doc, add_special_tokens=False, verbose=False)["input_ids"]
+    stream = token_stream([doc], tok)
+    assert len(doc) > 2 * 65_536  # cut into three pieces; byte-level BPE tokenizes across a line break the same
+    assert stream == [*whole, tok.eos_token_id]
+    assert token_stream([doc], tok, 100) == stream[:100]
 
 
 def test_packing_blocks_with_and_without_bos(tokenizer_dir):
