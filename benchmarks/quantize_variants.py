@@ -1,4 +1,5 @@
-"""Where int8/int4 top-1 agreement is lost: embedding precision and MatMulNBits accuracy level, on one model.
+"""Where int8/int4 top-1 agreement is lost: embedding precision, MatMulNBits accuracy level and which layers
+stay at 8 bits in an int4 export, on one model.
 
 Exports the model once to fp32 ONNX, quantizes it several ways with onnxruntime, and reports top-1
 agreement and KL with the PyTorch model on held-out python-docs text, size, and decode tokens/s
@@ -31,6 +32,11 @@ VARIANTS = {
     "int8, fp32 embeddings, accuracy 1 (fp32 compute)": dict(bits=8, embeddings=False, accuracy_level=1),
     "int4, 4-bit embeddings, accuracy 4 (slimlm's int4)": dict(bits=4),
     "int4, fp32 embeddings, accuracy 1 (fp32 compute)": dict(bits=4, embeddings=False, accuracy_level=1),
+    "int4, 8-bit lm_head": dict(bits=4, keep_8bit=["lm_head"]),
+    "int4, 8-bit lm_head and down_proj": dict(bits=4, keep_8bit=["lm_head", "down_proj"]),
+    "int4, 8-bit lm_head, v_proj and down_proj (as llama.cpp's Q4_K_M)": dict(
+        bits=4, keep_8bit=["lm_head", "v_proj", "down_proj"]
+    ),
 }
 
 

@@ -132,6 +132,20 @@ CASES = [
         "less than one optimizer step",
     ),
     (
+        "keep-8bit-names-nothing",
+        {"stages+": [{"name": "e", "kind": "export", "quantize": "int4", "keep_8bit": ["lm_haed"]}]},
+        [],
+        2,
+        "'lm_haed' names no Linear layer of this model; its layers are down_proj, gate_proj, k_proj, lm_head",
+    ),
+    (
+        "keep-8bit-on-int8",
+        {"stages+": [{"name": "e", "kind": "export", "quantize": "int8", "keep_8bit": ["lm_head"]}]},
+        [],
+        2,
+        "keep_8bit applies to format: onnx with quantize: int4 only",
+    ),
+    (
         "unknown-lm-eval-task",
         {"set": ["evaluation.lm_eval={tasks: [hellaswagg]}"]},
         [],

@@ -116,6 +116,34 @@ def test_export_stage_quantizes_and_gates_on_parity(quantize, min_agreement, tin
     assert ("MatMulNBits" in ops) == (quantize != "none") and ("GatherBlockQuantized" in ops) == (quantize != "none")
 
 
+def test_int4_keeps_the_named_linear_layers_at_8_bits(exported, tiny_models, tmp_path):
+    from slimlm.quantize.ort_quantize import linear_layers, quantize_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    # Every Linear is found in the graph under its Hugging Face name.
+    layers = linear_layers(onnx.load(str(exported["llama"] / "model.onnx")))
+    assert sorted(layers.values()) == sorted(linears)
+    quantize_weights(exported["llama"], tmp_path, bits=4, keep_8bit=["lm_head", "model.layers.1.mlp.*"])
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    bits = {
+        layers[n.name.removesuffix("_Q8").removesuffix("_Q4")]: next(a.i for a in n.attribute if a.name == "bits")
+        for n in graph.graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    eight = {"lm_head", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"}
+    assert bits == {name: 8 if name in eight else 4 for name in linears}
+    # ...and the layers kept at 8 bits bring the logits closer to fp32 than all-4-bit does.
+    quantize_weights(exported["llama"], tmp_path / "all4", bits=4)
+    size = (tmp_path / "all4" / "model.onnx.data").stat().st_size
+    quantize_weights(exported["llama"], tmp_path / "all4", bits=4)  # again, into the same folder: replaced
+    assert (tmp_path / "all4" / "model.onnx.data").stat().st_size == size
+    ids = np.array([[1, 5, 9, 2, 7, 11, 3, 4]])
+    ref = model(torch.tensor(ids)).logits.detach().numpy()
+    mixed, all4 = (np.abs(EdgeModel(d).logits(ids) - ref).mean() for d in (tmp_path, tmp_path / "all4"))
+    assert mixed < all4
+
+
 def test_exporting_a_bitsandbytes_model_is_refused(tiny_llama, tmp_path):
     import shutil
 

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from slimlm import arch
 from slimlm.errors import RecipeError, SourceError, StageFailed, UnsupportedModelError
 from slimlm.evaluate.agreement import teacher_agreement
 from slimlm.progress import status
 from slimlm.quantize.onnx_export import copy_side_files, export_onnx
-from slimlm.quantize.ort_quantize import quantize_weights
+from slimlm.quantize.ort_quantize import matches, quantize_weights
 from slimlm.sources.models import load_model, load_tokenizer
 from slimlm.stage import HF, ONNX, StageConfig, StageContext, StageResult, Strict
 
@@ -40,6 +40,11 @@ class ExportConfig(StageConfig):
     quantize_embeddings: bool = (
         True  # the embedding table is a fifth of a small model; quantizing it meets the size targets
     )
+    keep_8bit: list[str] = Field(
+        [],
+        description="Linear layers an int4 export keeps at 8 bits: last name parts (lm_head, down_proj) or "
+        "globs of whole names (model.layers.0.*)",
+    )
     parity: ParityOptions | None = ParityOptions()
 
     consumes = frozenset({HF})
@@ -48,6 +53,12 @@ class ExportConfig(StageConfig):
 
     def data_references(self) -> dict[str, str]:
         return {"parity.data": self.parity.data} if self.parity else {}
+
+    @model_validator(mode="after")
+    def _keep_8bit_needs_int4(self) -> ExportConfig:
+        if self.keep_8bit and (self.quantize != "int4" or self.format != "onnx"):
+            raise ValueError("keep_8bit applies to format: onnx with quantize: int4 only")
+        return self
 
 
 def refuse_quantized_input(config: ExportConfig, input_dir: Path) -> None:
@@ -72,6 +83,7 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
     if config.format == "onnx-genai":
         build_genai(config, context.input_dir, out, context.work_dir, arch.head_dim(model.config))
         return StageResult(artifact="onnx", metrics=_parity(config, context, model, out))
+    check_keep_8bit(config, model)
     fp32_dir = out if config.quantize == "none" else context.work_dir / "fp32"
     status("exporting to ONNX with a KV cache (torch.onnx dynamo exporter)")
     export_onnx(model, context.input_dir, fp32_dir)
@@ -83,9 +95,22 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
             bits=8 if config.quantize == "int8" else 4,
             block_size=config.block_size,
             embeddings=config.quantize_embeddings,
+            keep_8bit=config.keep_8bit,
         )
         shutil.rmtree(fp32_dir, ignore_errors=True)
     return StageResult(artifact="onnx", metrics=_parity(config, context, model, out))
+
+
+def check_keep_8bit(config: ExportConfig, model: torch.nn.Module) -> None:
+    """Every keep_8bit pattern must name at least one Linear layer: a typo would silently keep nothing."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for pattern in config.keep_8bit:
+        if not any(matches(n, [pattern]) for n in names):
+            kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise RecipeError(
+                f"stage '{config.name}', field 'keep_8bit': {pattern!r} names no Linear layer of this model; "
+                f"its layers are {', '.join(kinds)} (or globs of whole names such as {names[0]})"
+            )
 
 
 def build_genai(config: ExportConfig, input_dir: Path, out: Path, work_dir: Path, head_dim: int) -> None:

@@ -5,32 +5,79 @@ Both widths use blockwise weight-only quantization. We measured the alternative 
 top-1 agreement with fp32 was 0.59, against 0.94 for 8-bit MatMulNBits, because per-tensor
 activation scales cannot hold the model's outlier channels. accuracy_level 4 lets the CPU
 kernel compute in int8 with per-block activation scales, which makes it fast (about 2x fp32 ONNX).
+
+An int4 export can keep chosen Linear layers at 8 bits (`keep_8bit`), as llama.cpp's Q4_K_M keeps
+the output head, attn_v and ffn_down at 6 bits: on the quickstart's student, 8-bit lm_head and
+down_proj raise int4 top-1 agreement from 0.64 to 0.75 (benchmarks/quantize_variants.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from slimlm.quantize.onnx_export import ONNX_FILE, copy_side_files
 
 
 def quantize_weights(
-    src: Path, dst: Path, *, bits: int, block_size: int = 32, embeddings: bool = True, accuracy_level: int = 4
+    src: Path,
+    dst: Path,
+    *,
+    bits: int,
+    block_size: int = 32,
+    embeddings: bool = True,
+    accuracy_level: int = 4,
+    keep_8bit: Sequence[str] = (),
 ) -> Path:
-    """Quantize every constant-weight MatMul to `bits`; with `embeddings`, the embedding table to 4 bits
-    (GatherBlockQuantized supports only 4-bit, and the table is a fifth of a small model)."""
+    """Quantize every constant-weight MatMul to `bits`, those of the Linear layers `keep_8bit` names to 8;
+    with `embeddings`, the embedding table to 4 bits (GatherBlockQuantized supports only 4-bit, and the
+    table is a fifth of a small model)."""
     import onnx
 
-    model = _nbits(onnx.load(str(src / ONNX_FILE)), ("MatMul",), bits, block_size, accuracy_level)
+    model = onnx.load(str(src / ONNX_FILE))
+    if keep_8bit:
+        layers = linear_layers(model)
+        chosen = {node for node, name in layers.items() if matches(name, keep_8bit)}
+        model = _nbits(model, ("MatMul",), 8, block_size, accuracy_level, exclude=set(layers) - chosen)
+    model = _nbits(model, ("MatMul",), bits, block_size, accuracy_level)
     if embeddings:
         model = _nbits(model, ("Gather",), 4, block_size, accuracy_level)
     dst.mkdir(parents=True, exist_ok=True)
+    for stale in (dst / ONNX_FILE, dst / (ONNX_FILE + ".data")):
+        stale.unlink(missing_ok=True)  # onnx.save_model appends to an existing external-data file
     onnx.save_model(model, str(dst / ONNX_FILE), save_as_external_data=True, location=ONNX_FILE + ".data")
     copy_side_files(src, dst)
     return dst / ONNX_FILE
 
 
-def _nbits(model, ops: tuple[str, ...], bits: int, block_size: int, accuracy_level: int):
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """`down_proj` names every layer's down_proj; `model.layers.0.*` globs whole module names."""
+    return any(fnmatchcase(name, p) or fnmatchcase(name.rsplit(".", 1)[-1], p) for p in patterns)
+
+
+def linear_layers(model) -> dict[str, str]:
+    """MatMul node name -> the Linear module it came from (`model.layers.0.mlp.down_proj`, `lm_head`).
+
+    The dynamo exporter records each node's module scopes, innermost last: the op itself (`linear_3`),
+    then its module. The outermost module is our export wrapper's `model.` attribute, which is not part
+    of the Hugging Face name.
+    """
+    import ast
+
+    out = {}
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if node.op_type == "MatMul" and scopes:
+            *modules, op = ast.literal_eval(scopes)
+            if op.startswith("linear") and modules:
+                out[node.name] = modules[-1].removeprefix("model.")
+    return out
+
+
+def _nbits(
+    model, ops: tuple[str, ...], bits: int, block_size: int, accuracy_level: int, exclude: set[str] = frozenset()
+):
     import logging
 
     root = logging.getLogger()
@@ -46,6 +93,7 @@ def _nbits(model, ops: tuple[str, ...], bits: int, block_size: int, accuracy_lev
         is_symmetric=True,
         accuracy_level=accuracy_level,
         op_types_to_quantize=ops,
+        nodes_to_exclude=sorted(exclude),
     )
     root.setLevel(logging.WARNING)
     try:
