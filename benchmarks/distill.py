@@ -1,6 +1,6 @@
 """Healing a pruned model: held-out perplexity of teacher, pruned, pruned+KD and pruned+CE-only at equal tokens.
 
-    python benchmarks/distill.py [--models stories260K smollm2] [--budgets 500000 2000000]
+    python benchmarks/distill.py [--models stories260K smollm2] [--budgets 500000 2000000] [--no-throughput]
 
 stories260K is pruned by 50% of its non-embedding parameters (TinyStories from ../shared);
 SmolLM2-135M by the quickstart's settings at the budget this machine allows. Also the distill
@@ -121,15 +121,19 @@ def bare_loop_tokens_per_second(run_dir: Path, s: dict, steps: int = 8) -> float
     return steps * s["batch_size"] * s["seq_len"] / (time.perf_counter() - t0)
 
 
-def bench(name: str, s: dict, budgets: list[int]) -> dict:
+VARIANTS = (  # label, run folder, loss
+    ("KD (forward KL)", "kd", {"logits": "forward_kl"}),
+    ("KD + 0.5 CE", "kd-ce", {"logits": "forward_kl", "ce_weight": 0.5}),
+    ("CE only", "ce", {"logits": "none", "ce_weight": 1.0}),
+)
+
+
+def bench(name: str, s: dict, budgets: list[int], throughput: bool = True) -> dict:
     base = RESULTS / "runs" / name
     rows = []
     for tokens in budgets:
-        for label, loss in (
-            ("KD (forward KL)", {"logits": "forward_kl"}),
-            ("CE only", {"logits": "none", "ce_weight": 1.0}),
-        ):
-            run_dir = base / f"{label.split()[0].lower()}-{tokens}"
+        for label, folder, loss in VARIANTS:
+            run_dir = base / f"{folder}-{tokens}"
             run_recipe(recipe(name, s, [distill_stage(s, tokens, loss)]), run_dir)
             m = manifest(run_dir, "02-distill")["metrics"]
             rows.append(
@@ -143,12 +147,14 @@ def bench(name: str, s: dict, budgets: list[int]) -> dict:
     # Throughput: the stage's loop vs a bare loop, three times each on a short budget, medians.
     short = 8 * s["batch_size"] * s["seq_len"]
     ours, bare = [], []
-    for i in range(3):
+    for i in range(3 if throughput else 0):
         run_dir = base / f"throughput-{i}"
         shutil.rmtree(run_dir / "02-distill", ignore_errors=True)  # a timing must run, not be skipped as unchanged
         run_recipe(recipe(name, s, [distill_stage(s, short, {"logits": "forward_kl"})]), run_dir)
         ours.append(manifest(run_dir, "02-distill")["metrics"]["tokens_per_second"])
         bare.append(bare_loop_tokens_per_second(run_dir, s))
+    if not throughput and not budgets:
+        raise SystemExit("nothing to measure: give --budgets above 0, or leave out --no-throughput")
     teacher = manifest(run_dir, "00-teacher")["metrics"]["perplexity"]
     pruned = manifest(run_dir, "01-prune")["metrics"]
     for r in rows:
@@ -161,9 +167,9 @@ def bench(name: str, s: dict, budgets: list[int]) -> dict:
         "pruned_shape": pruned["shape"],
         "pruned_params": pruned["params"],
         "rows": rows,
-        "slimlm_tokens_per_second": statistics.median(ours),
-        "bare_tokens_per_second": statistics.median(bare),
-        "throughput_ratio": statistics.median(ours) / statistics.median(bare),
+        "slimlm_tokens_per_second": statistics.median(ours) if ours else None,
+        "bare_tokens_per_second": statistics.median(bare) if bare else None,
+        "throughput_ratio": statistics.median(ours) / statistics.median(bare) if ours else None,
     }
 
 
@@ -179,16 +185,20 @@ def print_table(r: dict) -> None:
         print(
             f"| {row['variant']} | {row['tokens']:,} | {row['perplexity']:.3f} | {gap} | {row['tokens_per_second']:.0f} |"
         )
-    print(
-        f"\ndistill loop {r['slimlm_tokens_per_second']:.0f} tokens/s vs bare PyTorch loop "
-        f"{r['bare_tokens_per_second']:.0f} tokens/s = {r['throughput_ratio']:.2f}x (medians of 3)"
-    )
+    if r["throughput_ratio"] is not None:
+        print(
+            f"\ndistill loop {r['slimlm_tokens_per_second']:.0f} tokens/s vs bare PyTorch loop "
+            f"{r['bare_tokens_per_second']:.0f} tokens/s = {r['throughput_ratio']:.2f}x (medians of 3)"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*")
     parser.add_argument("--budgets", nargs="*", type=int, help="token budgets (default per model); 0: throughput only")
+    parser.add_argument(
+        "--no-throughput", action="store_true", help="leave out the timing runs (e.g. beside other work)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "distill.json")
     args = parser.parse_args()
     available = setups()
@@ -198,7 +208,7 @@ def main() -> None:
             print(f"skipping {name}: not available here", file=sys.stderr)
             continue
         budgets = available[name]["budgets"] if args.budgets is None else [b for b in args.budgets if b > 0]
-        results.append(bench(name, available[name], budgets))
+        results.append(bench(name, available[name], budgets, throughput=not args.no_throughput))
         print_table(results[-1])
         sys.stdout.flush()
     write_results(args.out, {"results": results})
