@@ -28,6 +28,7 @@ from slimlm.sources.text import DataStore
 VARIANTS = {
     "int8, 4-bit embeddings, accuracy 4 (slimlm's int8)": dict(bits=8),
     "int8, fp32 embeddings, accuracy 4": dict(bits=8, embeddings=False),
+    "int8, 8-bit embeddings, accuracy 4": dict(bits=8, embedding_bits=8),
     "int8, 4-bit embeddings, accuracy 1 (fp32 compute)": dict(bits=8, accuracy_level=1),
     "int8, fp32 embeddings, accuracy 1 (fp32 compute)": dict(bits=8, embeddings=False, accuracy_level=1),
     "int4, 4-bit embeddings, accuracy 4 (slimlm's int4)": dict(bits=4),

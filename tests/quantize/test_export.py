@@ -144,6 +144,22 @@ def test_int4_keeps_the_named_linear_layers_at_8_bits(exported, tiny_models, tmp
     assert mixed < all4
 
 
+def test_embeddings_at_8_bits_are_closer_to_fp32_than_at_4(exported, tiny_models, tmp_path):
+    from slimlm.quantize.ort_quantize import quantize_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    ids = np.array([[1, 5, 9, 2, 7, 11, 3, 4]])
+    ref = model(torch.tensor(ids)).logits.detach().numpy()
+    error = {}
+    for bits in (4, 8):
+        quantize_weights(exported["llama"], tmp_path / str(bits), bits=8, embedding_bits=bits)
+        graph = onnx.load(str(tmp_path / str(bits) / "model.onnx"))
+        [gather] = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
+        assert next((a.i for a in gather.attribute if a.name == "bits"), 4) == bits
+        error[bits] = np.abs(EdgeModel(tmp_path / str(bits)).logits(ids) - ref).mean()
+    assert error[8] < 0.5 * error[4]
+
+
 def test_exporting_a_bitsandbytes_model_is_refused(tiny_llama, tmp_path):
     import shutil
 
