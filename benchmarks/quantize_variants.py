@@ -1,5 +1,5 @@
-"""Where int8/int4 top-1 agreement is lost: embedding precision, MatMulNBits accuracy level and which layers
-stay at 8 bits in an int4 export, on one model.
+"""Where int8/int4 top-1 agreement is lost: embedding precision, MatMulNBits accuracy level, SmoothQuant and
+which layers stay at 8 bits in an int4 export, on one model.
 
 Exports the model once to fp32 ONNX, quantizes it several ways with onnxruntime, and reports top-1
 agreement and KL with the PyTorch model on held-out python-docs text, size, and decode tokens/s
@@ -11,6 +11,7 @@ agreement and KL with the PyTorch model on held-out python-docs text, size, and 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from slimlm.edge import EdgeModel
 from slimlm.quantize.export import parity
 from slimlm.quantize.onnx_export import export_onnx
 from slimlm.quantize.ort_quantize import quantize_weights
+from slimlm.quantize.smooth import smooth
 from slimlm.recipe import DataSpec
 from slimlm.sources.text import DataStore
 
@@ -29,11 +31,14 @@ VARIANTS = {
     "int8, 4-bit embeddings, accuracy 4 (slimlm's int8)": dict(bits=8),
     "int8, fp32 embeddings, accuracy 4": dict(bits=8, embeddings=False),
     "int8, 8-bit embeddings, accuracy 4": dict(bits=8, embedding_bits=8),
+    "int8, SmoothQuant 0.75, 4-bit embeddings": dict(bits=8, smooth=0.75),
+    "int8, SmoothQuant 0.75, 8-bit embeddings": dict(bits=8, embedding_bits=8, smooth=0.75),
     "int8, 4-bit embeddings, accuracy 1 (fp32 compute)": dict(bits=8, accuracy_level=1),
     "int8, fp32 embeddings, accuracy 1 (fp32 compute)": dict(bits=8, embeddings=False, accuracy_level=1),
     "int4, 4-bit embeddings, accuracy 4 (slimlm's int4)": dict(bits=4),
     "int4, fp32 embeddings, accuracy 1 (fp32 compute)": dict(bits=4, embeddings=False, accuracy_level=1),
     "int4, 8-bit lm_head": dict(bits=4, keep_8bit=["lm_head"]),
+    "int4, SmoothQuant 0.75, 8-bit lm_head": dict(bits=4, keep_8bit=["lm_head"], smooth=0.75),
     "int4, 8-bit lm_head and down_proj": dict(bits=4, keep_8bit=["lm_head", "down_proj"]),
     "int4, 8-bit lm_head, v_proj and down_proj (as llama.cpp's Q4_K_M)": dict(
         bits=4, keep_8bit=["lm_head", "v_proj", "down_proj"]
@@ -54,7 +59,15 @@ def main() -> None:
     export_onnx(model, args.model, work / "fp32")
     dirs = {"fp32 ONNX": work / "fp32"}
     for i, (name, options) in enumerate(VARIANTS.items()):
-        quantize_weights(work / "fp32", work / f"v{i}", **options)
+        options = dict(options)
+        alpha = options.pop("smooth", None)
+        source = work / "fp32" if alpha is None else work / f"fp32-smooth-{alpha}"
+        if alpha is not None and not source.exists():  # smoothed weights need their own export (same fp32 function)
+            calibration = DataStore({"c": DataSpec(source="builtin:python-docs", split="train", seq_len=256)})
+            smoothed = copy.deepcopy(model)
+            smooth(smoothed, calibration.blocks("c", tokenizer, bos_per_window=False, max_tokens=8 * 256), alpha)
+            export_onnx(smoothed, args.model, source)
+        quantize_weights(source, work / f"v{i}", **options)
         dirs[name] = work / f"v{i}"
     edges = {name: EdgeModel(d) for name, d in dirs.items()}
     prompt = edges["fp32 ONNX"].tokenizer.encode("def fibonacci(n):\n    ").ids

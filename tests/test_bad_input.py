@@ -146,6 +146,13 @@ CASES = [
         "keep_8bit applies to format: onnx with quantize: int4 only",
     ),
     (
+        "smooth-without-quantization",
+        {"stages+": [{"name": "e", "kind": "export", "quantize": "none", "smooth": {"alpha": 0.5}}]},
+        [],
+        2,
+        "smooth applies to format: onnx with quantize: int8 or int4 only",
+    ),
+    (
         "unknown-lm-eval-task",
         {"set": ["evaluation.lm_eval={tasks: [hellaswagg]}"]},
         [],

@@ -21,6 +21,7 @@ from slimlm.evaluate.agreement import teacher_agreement
 from slimlm.progress import status
 from slimlm.quantize.onnx_export import copy_side_files, export_onnx
 from slimlm.quantize.ort_quantize import matches, quantize_weights
+from slimlm.quantize.smooth import smooth
 from slimlm.sources.models import load_model, load_tokenizer
 from slimlm.stage import HF, ONNX, StageConfig, StageContext, StageResult, Strict
 
@@ -30,6 +31,13 @@ class ParityOptions(Strict):
     max_tokens: int = Field(1024, ge=16)
     seq_len: int = Field(128, ge=8)
     greedy_steps: int = Field(16, ge=1)
+
+
+class SmoothOptions(Strict):
+    alpha: float = Field(0.75, ge=0, le=1, description="how much of the activation range moves into the weights")
+    data: str = "calibration"
+    samples: int = Field(8, ge=1, description="calibration blocks of seq_len tokens")
+    seq_len: int = Field(256, ge=8)
 
 
 class ExportConfig(StageConfig):
@@ -48,6 +56,7 @@ class ExportConfig(StageConfig):
         description="Linear layers an int4 export keeps at 8 bits: last name parts (lm_head, down_proj) or "
         "globs of whole names (model.layers.0.*)",
     )
+    smooth: SmoothOptions | None = None  # SmoothQuant scale migration before quantizing (quantize/smooth.py)
     parity: ParityOptions | None = ParityOptions()
 
     consumes = frozenset({HF})
@@ -55,12 +64,15 @@ class ExportConfig(StageConfig):
     metrics = frozenset({"max_logit_diff", "top1_agreement", "kl", "greedy_agreement"})
 
     def data_references(self) -> dict[str, str]:
-        return {"parity.data": self.parity.data} if self.parity else {}
+        refs = {"parity.data": self.parity.data} if self.parity else {}
+        return refs | ({"smooth.data": self.smooth.data} if self.smooth else {})
 
     @model_validator(mode="after")
-    def _keep_8bit_needs_int4(self) -> ExportConfig:
+    def _options_need_onnx_quantization(self) -> ExportConfig:
         if self.keep_8bit and (self.quantize != "int4" or self.format != "onnx"):
             raise ValueError("keep_8bit applies to format: onnx with quantize: int4 only")
+        if self.smooth and (self.quantize == "none" or self.format != "onnx"):
+            raise ValueError("smooth applies to format: onnx with quantize: int8 or int4 only")
         return self
 
 
@@ -87,6 +99,16 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
         build_genai(config, context.input_dir, out, context.work_dir, arch.head_dim(model.config))
         return StageResult(artifact="onnx", metrics=_parity(config, context, model, out))
     check_keep_8bit(config, model)
+    if config.smooth:
+        status(f"migrating activation outliers into the weights (SmoothQuant, alpha {config.smooth.alpha})")
+        blocks = context.data.blocks(
+            config.smooth.data,
+            load_tokenizer(context.input_dir),
+            bos_per_window=arch.needs_bos_per_window(model.config),
+            seq_len=config.smooth.seq_len,
+            max_tokens=config.smooth.samples * config.smooth.seq_len,
+        )
+        smooth(model, blocks, config.smooth.alpha)
     fp32_dir = out if config.quantize == "none" else context.work_dir / "fp32"
     status("exporting to ONNX with a KV cache (torch.onnx dynamo exporter)")
     export_onnx(model, context.input_dir, fp32_dir)
