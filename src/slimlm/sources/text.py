@@ -164,7 +164,7 @@ def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None) -> l
                 return stream[:max_tokens]
         if eos is not None:
             stream.append(eos)
-    return stream[:max_tokens] if max_tokens is not None else stream
+    return stream
 
 
 def _pieces(doc: str, size: int = 65_536) -> list[str]:
