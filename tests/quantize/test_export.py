@@ -160,6 +160,35 @@ def test_embeddings_at_8_bits_are_closer_to_fp32_than_at_4(exported, tiny_models
     assert error[8] < 0.5 * error[4]
 
 
+@pytest.mark.parametrize("family,bits,keep_8bit", [("llama", 8, []), ("llama", 4, ["lm_head"]), ("phi3", 8, [])])
+def test_a_tied_embedding_reads_the_quantized_head_instead_of_a_copy(
+    family, bits, keep_8bit, exported, tiny_models, tmp_path
+):
+    from slimlm.quantize.ort_quantize import quantize_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family])
+    tied = model.config.tie_word_embeddings
+    quantize_weights(exported[family], tmp_path / "default", bits=bits, keep_8bit=keep_8bit)
+    graph = onnx.load(str(tmp_path / "default" / "model.onnx")).graph
+    [gather] = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    [head] = [n for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output]
+    producers = {out: n for n in graph.node for out in n.output}
+    if tied:  # the table is a view of the head's blocks, at the head's 8 bits: no table of its own
+        assert producers[gather.input[0]].op_type == "Reshape" and producers[gather.input[0]].input[0] == head.input[1]
+        assert gather.input[2] == head.input[2] and next(a.i for a in gather.attribute if a.name == "bits") == 8
+    else:  # an untied table is quantized on its own, to 4 bits by default
+        assert gather.input[0] in {t.name for t in graph.initializer}
+        assert next((a.i for a in gather.attribute if a.name == "bits"), 4) == 4
+    # A shared lookup reads the right rows: about as close to fp32 as with the table left at fp32, in far fewer bytes.
+    quantize_weights(exported[family], tmp_path / "fp32", bits=bits, keep_8bit=keep_8bit, embeddings=False)
+    ids = np.array([[1, 5, 9, 2, 7, 11, 3, 4]])
+    ref = model(torch.tensor(ids)).logits.detach().numpy()
+    error = {d: np.abs(EdgeModel(tmp_path / d).logits(ids) - ref).mean() for d in ("default", "fp32")}
+    assert error["default"] < 1.5 * error["fp32"] or not tied  # (a 4-bit table costs more than 1.5x)
+    size = {d: (tmp_path / d / "model.onnx.data").stat().st_size for d in ("default", "fp32")}
+    assert size["default"] < 0.7 * size["fp32"]
+
+
 def test_exporting_a_bitsandbytes_model_is_refused(tiny_llama, tmp_path):
     import shutil
 

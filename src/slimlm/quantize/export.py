@@ -48,8 +48,10 @@ class ExportConfig(StageConfig):
     quantize_embeddings: bool = (
         True  # the embedding table is a fifth of a small model; quantizing it meets the size targets
     )
-    embedding_bits: Literal[4, 8] = Field(
-        4, description="bits of the quantized embedding table; 8 costs a tenth more size and keeps more agreement"
+    embedding_bits: Literal[4, 8] | None = Field(
+        None,
+        description="bits of the quantized embedding table. Default: a table tied to the output head reads the "
+        "head's quantized weights (its bits, no bytes of its own); an untied one is stored at 4 bits",
     )
     keep_8bit: list[str] = Field(
         [],
