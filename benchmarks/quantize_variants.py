@@ -28,20 +28,26 @@ from slimlm.recipe import DataSpec
 from slimlm.sources.text import DataStore
 
 VARIANTS = {
-    "int8, 4-bit embeddings, accuracy 4 (slimlm's int8)": dict(bits=8),
+    "int8, 4-bit embeddings, accuracy 4": dict(bits=8, embedding_bits=4),
     "int8, fp32 embeddings, accuracy 4": dict(bits=8, embeddings=False),
-    "int8, 8-bit embeddings, accuracy 4": dict(bits=8, embedding_bits=8),
-    "int8, SmoothQuant 0.75, 4-bit embeddings": dict(bits=8, smooth=0.75),
-    "int8, SmoothQuant 0.75, 8-bit embeddings": dict(bits=8, embedding_bits=8, smooth=0.75),
-    "int8, 4-bit embeddings, accuracy 1 (fp32 compute)": dict(bits=8, accuracy_level=1),
+    "int8, 8-bit embeddings read from the tied head": dict(bits=8),
+    "int8, SmoothQuant 0.75, 4-bit embeddings": dict(bits=8, embedding_bits=4, smooth=0.75),
+    "int8, SmoothQuant 0.75, tied 8-bit embeddings": dict(bits=8, smooth=0.75),
+    "int8, SmoothQuant 0.75, tied 8-bit embeddings, blocks of 16 (the quickstart's int8)": dict(
+        bits=8, block_size=16, smooth=0.75
+    ),
+    "int8, 4-bit embeddings, accuracy 1 (fp32 compute)": dict(bits=8, embedding_bits=4, accuracy_level=1),
     "int8, fp32 embeddings, accuracy 1 (fp32 compute)": dict(bits=8, embeddings=False, accuracy_level=1),
-    "int4, 4-bit embeddings, accuracy 4 (slimlm's int4)": dict(bits=4),
+    "int4, 4-bit embeddings, accuracy 4": dict(bits=4),
     "int4, fp32 embeddings, accuracy 1 (fp32 compute)": dict(bits=4, embeddings=False, accuracy_level=1),
-    "int4, 8-bit lm_head": dict(bits=4, keep_8bit=["lm_head"]),
+    "int4, 8-bit lm_head (and tied embeddings)": dict(bits=4, keep_8bit=["lm_head"]),
     "int4, SmoothQuant 0.75, 8-bit lm_head": dict(bits=4, keep_8bit=["lm_head"], smooth=0.75),
     "int4, 8-bit lm_head and down_proj": dict(bits=4, keep_8bit=["lm_head", "down_proj"]),
     "int4, 8-bit lm_head, v_proj and down_proj (as llama.cpp's Q4_K_M)": dict(
         bits=4, keep_8bit=["lm_head", "v_proj", "down_proj"]
+    ),
+    "int4, SmoothQuant 0.75, 8-bit lm_head, v_proj, o_proj and down_proj (the quickstart's int4)": dict(
+        bits=4, keep_8bit=["lm_head", "v_proj", "o_proj", "down_proj"], smooth=0.75
     ),
 }
 
