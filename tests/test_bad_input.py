@@ -153,6 +153,13 @@ CASES = [
         "smooth applies to format: onnx with quantize: int8 or int4 only",
     ),
     (
+        "gptq-with-the-genai-builder",
+        {"stages+": [{"name": "e", "kind": "export", "format": "onnx-genai", "quantize": "int4", "gptq": {}}]},
+        [],
+        2,
+        "gptq applies to format: onnx with quantize: int8 or int4 only",
+    ),
+    (
         "unknown-lm-eval-task",
         {"set": ["evaluation.lm_eval={tasks: [hellaswagg]}"]},
         [],

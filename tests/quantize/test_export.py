@@ -90,6 +90,7 @@ stages:
   - name: export
     kind: export
     quantize: {quantize}
+    {options}
     parity: {{data: eval, max_tokens: 128, seq_len: 32, greedy_steps: 8}}
     gates:
       - {{metric: top1_agreement, min: {min_agreement}}}
@@ -97,10 +98,18 @@ stages:
 """
 
 
-@pytest.mark.parametrize("quantize,min_agreement", [("none", 0.999), ("int8", 0.5), ("int4", 0.3)])
-def test_export_stage_quantizes_and_gates_on_parity(quantize, min_agreement, tiny_llama, tmp_path):
+@pytest.mark.parametrize(
+    "quantize,options,min_agreement",
+    [
+        ("none", "", 0.999),
+        ("int8", "", 0.5),
+        ("int4", "", 0.3),
+        ("int4", "gptq: {data: eval, samples: 2, seq_len: 32}", 0.3),
+    ],
+)
+def test_export_stage_quantizes_and_gates_on_parity(quantize, options, min_agreement, tiny_llama, tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(RECIPE.format(model=tiny_llama, quantize=quantize, min_agreement=min_agreement))
+    path.write_text(RECIPE.format(model=tiny_llama, quantize=quantize, options=options, min_agreement=min_agreement))
     run_recipe(load_recipe(path), tmp_path / "run")
     manifest = json.loads((tmp_path / "run" / "01-export" / "manifest.json").read_text())
     m = manifest["metrics"]

@@ -19,6 +19,7 @@ from slimlm import arch
 from slimlm.errors import RecipeError, SourceError, StageFailed, UnsupportedModelError
 from slimlm.evaluate.agreement import teacher_agreement
 from slimlm.progress import status
+from slimlm.quantize.gptq import gptq
 from slimlm.quantize.onnx_export import copy_side_files, export_onnx
 from slimlm.quantize.ort_quantize import matches, quantize_weights
 from slimlm.quantize.smooth import smooth
@@ -33,11 +34,19 @@ class ParityOptions(Strict):
     greedy_steps: int = Field(16, ge=1)
 
 
-class SmoothOptions(Strict):
-    alpha: float = Field(0.75, ge=0, le=1, description="how much of the activation range moves into the weights")
+class CalibrationOptions(Strict):
     data: str = "calibration"
     samples: int = Field(8, ge=1, description="calibration blocks of seq_len tokens")
     seq_len: int = Field(256, ge=8)
+
+
+class SmoothOptions(CalibrationOptions):
+    alpha: float = Field(0.75, ge=0, le=1, description="how much of the activation range moves into the weights")
+
+
+class GPTQOptions(CalibrationOptions):
+    samples: int = Field(32, ge=1, description="calibration blocks of seq_len tokens")
+    damp: float = Field(0.01, gt=0, description="added to the Hessian's diagonal, as a fraction of its mean")
 
 
 class ExportConfig(StageConfig):
@@ -59,6 +68,7 @@ class ExportConfig(StageConfig):
         "globs of whole names (model.layers.0.*)",
     )
     smooth: SmoothOptions | None = None  # SmoothQuant scale migration before quantizing (quantize/smooth.py)
+    gptq: GPTQOptions | None = None  # GPTQ instead of round-to-nearest for the layers at `quantize` bits (gptq.py)
     parity: ParityOptions | None = ParityOptions()
 
     consumes = frozenset({HF})
@@ -67,14 +77,16 @@ class ExportConfig(StageConfig):
 
     def data_references(self) -> dict[str, str]:
         refs = {"parity.data": self.parity.data} if self.parity else {}
-        return refs | ({"smooth.data": self.smooth.data} if self.smooth else {})
+        refs |= {"smooth.data": self.smooth.data} if self.smooth else {}
+        return refs | ({"gptq.data": self.gptq.data} if self.gptq else {})
 
     @model_validator(mode="after")
     def _options_need_onnx_quantization(self) -> ExportConfig:
         if self.keep_8bit and (self.quantize != "int4" or self.format != "onnx"):
             raise ValueError("keep_8bit applies to format: onnx with quantize: int4 only")
-        if self.smooth and (self.quantize == "none" or self.format != "onnx"):
-            raise ValueError("smooth applies to format: onnx with quantize: int8 or int4 only")
+        for option in ("smooth", "gptq"):
+            if getattr(self, option) and (self.quantize == "none" or self.format != "onnx"):
+                raise ValueError(f"{option} applies to format: onnx with quantize: int8 or int4 only")
         return self
 
 
@@ -101,16 +113,21 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
         build_genai(config, context.input_dir, out, context.work_dir, arch.head_dim(model.config))
         return StageResult(artifact="onnx", metrics=_parity(config, context, model, out))
     check_keep_8bit(config, model)
+    bits = 8 if config.quantize == "int8" else 4
     if config.smooth:
         status(f"migrating activation outliers into the weights (SmoothQuant, alpha {config.smooth.alpha})")
-        blocks = context.data.blocks(
-            config.smooth.data,
-            load_tokenizer(context.input_dir),
-            bos_per_window=arch.needs_bos_per_window(model.config),
-            seq_len=config.smooth.seq_len,
-            max_tokens=config.smooth.samples * config.smooth.seq_len,
-        )
-        smooth(model, blocks, config.smooth.alpha)  # exact in fp32: parity below still measures the input's function
+        # exact in fp32: parity below still measures the input's function
+        smooth(model, _calibration(config.smooth, context, model), config.smooth.alpha)
+    codes = None
+    if config.gptq:
+        status(f"choosing {bits}-bit weights with GPTQ")
+        names = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not (bits == 4 and matches(n, config.keep_8bit))
+        ]
+        blocks = _calibration(config.gptq, context, model)
+        codes = gptq(model, blocks, names, bits=bits, block_size=config.block_size, damp=config.gptq.damp)
     fp32_dir = out if config.quantize == "none" else context.work_dir / "fp32"
     status("exporting to ONNX with a KV cache (torch.onnx dynamo exporter)")
     export_onnx(model, context.input_dir, fp32_dir)
@@ -119,14 +136,25 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
         quantize_weights(
             fp32_dir,
             out,
-            bits=8 if config.quantize == "int8" else 4,
+            bits=bits,
             block_size=config.block_size,
             embeddings=config.quantize_embeddings,
             embedding_bits=config.embedding_bits,
             keep_8bit=config.keep_8bit,
+            prequantized=codes,
         )
         shutil.rmtree(fp32_dir, ignore_errors=True)
     return StageResult(artifact="onnx", metrics=_parity(config, context, model, out))
+
+
+def _calibration(options: CalibrationOptions, context: StageContext, model: torch.nn.Module) -> torch.Tensor:
+    return context.data.blocks(
+        options.data,
+        load_tokenizer(context.input_dir),
+        bos_per_window=arch.needs_bos_per_window(model.config),
+        seq_len=options.seq_len,
+        max_tokens=options.samples * options.seq_len,
+    )
 
 
 def check_keep_8bit(config: ExportConfig, model: torch.nn.Module) -> None:

@@ -18,7 +18,7 @@ of the head's quantized blocks. On the quickstart's student that takes an int8 e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -37,12 +37,14 @@ def quantize_weights(
     embedding_bits: int | None = None,
     accuracy_level: int = 4,
     keep_8bit: Sequence[str] = (),
+    prequantized: Mapping[str, tuple] | None = None,
 ) -> Path:
     """Quantize every constant-weight MatMul to `bits`, those of the Linear layers `keep_8bit` names to 8;
     with `embeddings`, the embedding table to `embedding_bits` (it is a fifth of a small model).
 
     A table tied to the output head is not stored twice: at the head's width (the default for a tied
     model) the embedding gathers rows of the head's quantized weight. Otherwise the default is 4 bits.
+    `prequantized` maps Linear names to `bits`-wide codes and scales chosen elsewhere (GPTQ), written as they are.
     """
     import onnx
 
@@ -52,6 +54,8 @@ def quantize_weights(
     head_bits = 8 if bits == 8 or matches("lm_head", keep_8bit) else bits
     if embedding_bits is None:
         embedding_bits = head_bits if tied else 4
+    if prequantized:
+        _write_codes(model, layers, prequantized, bits, accuracy_level)
     if keep_8bit:
         chosen = {node for node, name in layers.items() if matches(name, keep_8bit)}
         model = _nbits(model, ("MatMul",), 8, block_size, accuracy_level, exclude=set(layers) - chosen)
@@ -127,6 +131,51 @@ def _embeddings_8bit(model, block_size: int):
         )
         _gather_quantized(model, node, [name + "_Q8", node.input[1], name + "_scales"], bits=8, block_size=block_size)
     return model
+
+
+def _write_codes(model, layers: dict[str, str], codes: Mapping[str, tuple], bits: int, accuracy_level: int) -> None:
+    """Replace the MatMuls of the Linear layers in `codes` by MatMulNBits over the given codes and scales.
+
+    Codes are unsigned (offset by 2^(bits-1), MatMulNBits' implicit zero point), [out, in]; scales [out, blocks].
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    for node in list(graph.node):
+        name = layers.get(node.name)
+        if name not in codes:
+            continue
+        q, scales = (np.asarray(t) for t in codes[name])
+        n, k = q.shape
+        block_size = k // scales.shape[1]
+        blocks = q.reshape(n, k // block_size, block_size).astype(np.uint8)
+        if bits == 4:  # two codes a byte, the first in the low nibble
+            blocks = blocks[..., 0::2] | (blocks[..., 1::2] << 4)
+        weight = node.input[1]
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(blocks, f"{weight}_Q{bits}"),
+                numpy_helper.from_array(scales.astype(np.float32), f"{weight}_scales"),
+            ]
+        )
+        node.CopyFrom(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], f"{weight}_Q{bits}", f"{weight}_scales"],
+                list(node.output),
+                name=f"{node.name}_Q{bits}",
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=bits,
+                block_size=block_size,
+                accuracy_level=accuracy_level,
+            )
+        )
+        if not any(weight in other.input for other in graph.node):
+            graph.initializer.remove(next(t for t in graph.initializer if t.name == weight))
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def _embedding_gathers(model) -> list:
