@@ -100,8 +100,11 @@ def test_distill_lowers_the_loss_and_writes_a_plain_model(tiny_llama, tmp_path):
     assert not (tmp_path / "run" / ".work").exists() or not any((tmp_path / "run" / ".work").rglob("step-*"))
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_llama, tmp_path, monkeypatch):
-    _run(tmp_path, tiny_llama, "straight")
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_resume_after_interruption_matches_an_uninterrupted_run(method, tiny_llama, tmp_path, monkeypatch):
+    # QLoRA resumes onto a base quantized again from the pruned weights: the same NF4 codes, so the same run.
+    method_override = f"stages.distill.method={method}"
+    _run(tmp_path, tiny_llama, "straight", method_override)
     original = train_module.save_checkpoint
 
     def crash_after_step_4(accelerator, checkpoints, step, log):
@@ -111,10 +114,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_llama, tmp_
 
     monkeypatch.setattr(train_module, "save_checkpoint", crash_after_step_4)
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, tiny_llama, "resumed")
+        _run(tmp_path, tiny_llama, "resumed", method_override)
     assert not (tmp_path / "resumed" / "02-distill").exists()  # an interrupted stage never looks finished
     monkeypatch.setattr(train_module, "save_checkpoint", original)
-    state = _run(tmp_path, tiny_llama, "resumed")
+    state = _run(tmp_path, tiny_llama, "resumed", method_override)
     assert state["stages"]["prune"] == "skipped" and state["stages"]["distill"] == "done"
     manifest = json.loads((tmp_path / "resumed" / "02-distill" / "manifest.json").read_text())
     assert manifest["metrics"]["resumed_from_step"] == 4
