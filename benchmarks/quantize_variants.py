@@ -1,8 +1,9 @@
 """Where int8/int4 top-1 agreement is lost: embedding precision, MatMulNBits accuracy level, SmoothQuant and
 which layers stay at 8 bits in an int4 export, on one model.
 
-Exports the model once to fp32 ONNX, quantizes it several ways with onnxruntime, and reports top-1
-agreement and KL with the PyTorch model on held-out python-docs text, size, and decode tokens/s
+Exports the model once to fp32 ONNX (and once per SmoothQuant alpha), quantizes it several ways with
+onnxruntime or GPTQ, and reports top-1 agreement and KL with the PyTorch model on held-out python-docs
+text (4,096 tokens), size, and decode tokens/s
 (`EdgeModel`, batch 1, median of 3, all variants interleaved in one run).
 
     .venv/bin/python benchmarks/quantize_variants.py [--model runs/quickstart/02-distill/model]
@@ -16,13 +17,15 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from common import RESULTS, write_results
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimlm.edge import EdgeModel
 from slimlm.quantize.export import parity
+from slimlm.quantize.gptq import gptq
 from slimlm.quantize.onnx_export import export_onnx
-from slimlm.quantize.ort_quantize import quantize_weights
+from slimlm.quantize.ort_quantize import matches, quantize_weights
 from slimlm.quantize.smooth import smooth
 from slimlm.recipe import DataSpec
 from slimlm.sources.text import DataStore
@@ -46,33 +49,50 @@ VARIANTS = {
     "int4, 8-bit lm_head, v_proj and down_proj (as llama.cpp's Q4_K_M)": dict(
         bits=4, keep_8bit=["lm_head", "v_proj", "down_proj"]
     ),
-    "int4, SmoothQuant 0.75, 8-bit lm_head, v_proj, o_proj and down_proj (the quickstart's int4)": dict(
+    "int4, SmoothQuant 0.75, 8-bit lm_head, v_proj, o_proj and down_proj": dict(
         bits=4, keep_8bit=["lm_head", "v_proj", "o_proj", "down_proj"], smooth=0.75
     ),
+    "int4, GPTQ, 8-bit lm_head, v_proj, o_proj and down_proj": dict(
+        bits=4, keep_8bit=["lm_head", "v_proj", "o_proj", "down_proj"], gptq=True
+    ),
+    "int4, GPTQ + SmoothQuant 0.75, 8-bit lm_head, k/v/o_proj and down_proj": dict(
+        bits=4, keep_8bit=["lm_head", "k_proj", "v_proj", "o_proj", "down_proj"], gptq=True, smooth=0.75
+    ),
+    "int4, GPTQ, 8-bit lm_head, k/v/o_proj and down_proj (the quickstart's int4)": dict(
+        bits=4, keep_8bit=["lm_head", "k_proj", "v_proj", "o_proj", "down_proj"], gptq=True
+    ),
 }
+GPTQ_SAMPLES = 32  # calibration blocks of 256 tokens, as the quickstart's gptq: {samples: 32}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("runs/quickstart/02-distill/model"))
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for agreement and KL")
     args = parser.parse_args()
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = DataStore({"eval": DataSpec(source="builtin:python-docs", split="test", seq_len=256)})
-    blocks = data.blocks("eval", tokenizer, bos_per_window=False, max_tokens=1024)
+    blocks = data.blocks("eval", tokenizer, bos_per_window=False, max_tokens=args.eval_tokens)
     work = RESULTS / "quantize-variants"
     export_onnx(model, args.model, work / "fp32")
     dirs = {"fp32 ONNX": work / "fp32"}
+    calibration = DataStore({"c": DataSpec(source="builtin:python-docs", split="train", seq_len=256)})
+    calibration = calibration.blocks("c", tokenizer, bos_per_window=False, max_tokens=GPTQ_SAMPLES * 256)
+    models = {None: model}  # by SmoothQuant alpha: smoothed weights need their own export (same fp32 function)
     for i, (name, options) in enumerate(VARIANTS.items()):
         options = dict(options)
-        alpha = options.pop("smooth", None)
+        alpha, use_gptq = options.pop("smooth", None), options.pop("gptq", False)
         source = work / "fp32" if alpha is None else work / f"fp32-smooth-{alpha}"
-        if alpha is not None and not source.exists():  # smoothed weights need their own export (same fp32 function)
-            calibration = DataStore({"c": DataSpec(source="builtin:python-docs", split="train", seq_len=256)})
-            smoothed = copy.deepcopy(model)
-            smooth(smoothed, calibration.blocks("c", tokenizer, bos_per_window=False, max_tokens=8 * 256), alpha)
-            export_onnx(smoothed, args.model, source)
+        if alpha not in models:
+            models[alpha] = copy.deepcopy(model)
+            smooth(models[alpha], calibration[:8], alpha)
+            export_onnx(models[alpha], args.model, source)
+        if use_gptq:
+            linears = [n for n, m in models[alpha].named_modules() if isinstance(m, torch.nn.Linear)]
+            names = [n for n in linears if not matches(n, options.get("keep_8bit", []))]
+            options["prequantized"] = gptq(models[alpha], calibration, names, bits=options["bits"])
         quantize_weights(source, work / f"v{i}", **options)
         dirs[name] = work / f"v{i}"
     edges = {name: EdgeModel(d) for name, d in dirs.items()}
