@@ -26,7 +26,7 @@ from common import ROOT, write_results
 from slimlm.edge import EdgeModel
 from slimlm.quantize.gptq import gptq
 from slimlm.quantize.onnx_export import export_onnx
-from slimlm.quantize.ort_quantize import matches, quantize_weights
+from slimlm.quantize.ort_quantize import quantize_weights
 from slimlm.quantize.smooth import smooth
 from slimlm.recipe import DataSpec
 from slimlm.sources.models import load_model, load_tokenizer, resolve_model
@@ -142,8 +142,7 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path)
     smooth(smoothed, calibration[:8], SMOOTH_ALPHA)
     export_onnx(smoothed, model_dir, work / f"{name}-fp32-smooth")
     quantize_weights(work / f"{name}-fp32-smooth", exports["onnx int8"], **INT8)
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    codes = gptq(model, calibration, [n for n in linears if not matches(n, INT4["keep_8bit"])], bits=4)
+    codes = gptq(model, calibration, skip=INT4["keep_8bit"], bits=4)
     quantize_weights(exports["onnx fp32"], exports["onnx int4"], **INT4, prequantized=codes)
     edges = {k: EdgeModel(v) for k, v in exports.items()}
     genai_dir = work / f"{name}-genai-int4"

@@ -17,7 +17,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 from common import RESULTS, write_results
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,7 +24,7 @@ from slimlm.edge import EdgeModel
 from slimlm.quantize.export import parity
 from slimlm.quantize.gptq import gptq
 from slimlm.quantize.onnx_export import export_onnx
-from slimlm.quantize.ort_quantize import matches, quantize_weights
+from slimlm.quantize.ort_quantize import quantize_weights
 from slimlm.quantize.smooth import smooth
 from slimlm.recipe import DataSpec
 from slimlm.sources.text import DataStore
@@ -90,9 +89,8 @@ def main() -> None:
             smooth(models[alpha], calibration[:8], alpha)
             export_onnx(models[alpha], args.model, source)
         if use_gptq:
-            linears = [n for n, m in models[alpha].named_modules() if isinstance(m, torch.nn.Linear)]
-            names = [n for n in linears if not matches(n, options.get("keep_8bit", []))]
-            options["prequantized"] = gptq(models[alpha], calibration, names, bits=options["bits"])
+            keep = options.get("keep_8bit", [])
+            options["prequantized"] = gptq(models[alpha], calibration, skip=keep, bits=options["bits"])
         quantize_weights(source, work / f"v{i}", **options)
         dirs[name] = work / f"v{i}"
     edges = {name: EdgeModel(d) for name, d in dirs.items()}

@@ -41,8 +41,9 @@ def test_onnxruntime_runs_the_codes_gptq_chose(tiny_models, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["phi3"]).eval()
     ids = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(0))
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    codes = gptq(model, ids, names, bits=4, block_size=32)
+    codes = gptq(model, ids, bits=4, block_size=32)
     assert sorted(codes) == sorted(names)
+    assert sorted(gptq(model, ids, skip=["lm_head", "*.mlp.*"])) == [n for n in sorted(names) if ".self_attn." in n]
     export_onnx(model, tiny_models["phi3"], tmp_path / "fp32")
     options = dict(bits=4, embeddings=False, accuracy_level=1)  # fp32 compute: the only error is the weights'
     quantize_weights(tmp_path / "fp32", tmp_path / "gptq", **options, prequantized=codes)

@@ -121,13 +121,10 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
     codes = None
     if config.gptq:
         status(f"choosing {bits}-bit weights with GPTQ")
-        names = [
-            n
-            for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not (bits == 4 and matches(n, config.keep_8bit))
-        ]
         blocks = _calibration(config.gptq, context, model)
-        codes = gptq(model, blocks, names, bits=bits, block_size=config.block_size, damp=config.gptq.damp)
+        codes = gptq(
+            model, blocks, skip=config.keep_8bit, bits=bits, block_size=config.block_size, damp=config.gptq.damp
+        )
     fp32_dir = out if config.quantize == "none" else context.work_dir / "fp32"
     status("exporting to ONNX with a KV cache (torch.onnx dynamo exporter)")
     export_onnx(model, context.input_dir, fp32_dir)

@@ -15,24 +15,26 @@ columns by the Hessian's diagonal ("act order") did not help and is not implemen
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Sequence
 
 import torch
 
 from slimlm.progress import track
+from slimlm.quantize.ort_quantize import matches
 
 
 @torch.no_grad()
 def gptq(
     model: torch.nn.Module,
     blocks: torch.Tensor,
-    names: Collection[str],
     *,
+    skip: Sequence[str] = (),
     bits: int = 4,
     block_size: int = 32,
     damp: float = 0.01,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Quantize the named Linear layers; returns name -> (uint8 codes [out, in], scales [out, in / block_size]).
+    """Quantize every Linear layer but those `skip` names (as keep_8bit does); returns name -> (uint8 codes
+    [out, in], scales [out, in / block_size]).
 
     The Hessians come from one pass of the unquantized model over `blocks`. A layer whose inputs are not
     whole blocks is left out (round-to-nearest pads it).
@@ -40,7 +42,7 @@ def gptq(
     linears = {
         n: m
         for n, m in model.named_modules()
-        if n in names and isinstance(m, torch.nn.Linear) and m.in_features % block_size == 0
+        if isinstance(m, torch.nn.Linear) and not matches(n, skip) and m.in_features % block_size == 0
     }
     hessians = _hessians(model, blocks, linears)
     out = {}

@@ -174,8 +174,7 @@ def _write_codes(model, layers: dict[str, str], codes: Mapping[str, tuple], bits
         )
         if not any(weight in other.input for other in graph.node):
             graph.initializer.remove(next(t for t in graph.initializer if t.name == weight))
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _use_contrib_ops(model)
 
 
 def _embedding_gathers(model) -> list:
@@ -238,8 +237,7 @@ def _gather_quantized(model, gather, inputs: list[str], *, bits: int, block_size
     """Replace a Gather of a table by GatherBlockQuantized over row blocks of the quantized table."""
     from onnx import helper
 
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _use_contrib_ops(model)
     gather.CopyFrom(
         helper.make_node(
             "GatherBlockQuantized",
@@ -253,6 +251,14 @@ def _gather_quantized(model, gather, inputs: list[str], *, bits: int, block_size
             quantize_axis=1,
         )
     )
+
+
+def _use_contrib_ops(model) -> None:
+    """Declare onnxruntime's contrib-op domain (MatMulNBits, GatherBlockQuantized) if the model lacks it."""
+    from onnx import helper
+
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def _nbits(
