@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slimlm.edge import EdgeModel
+from slimlm.errors import StageFailed
 from slimlm.quantize.gptq import gptq, quantize_layer
 from slimlm.quantize.onnx_export import export_onnx
 from slimlm.quantize.ort_quantize import quantize_weights
@@ -56,3 +57,15 @@ def test_onnxruntime_runs_the_codes_gptq_chose(tiny_models, tmp_path):
     got, rtn = (EdgeModel(tmp_path / d).logits(ids[:1].numpy()) for d in ("gptq", "rtn"))
     assert np.abs(got - fake).max() < 1e-3 * np.abs(fake).max()
     assert np.abs(got - ref).mean() < np.abs(rtn - ref).mean()
+
+
+def test_a_singular_hessian_gets_more_damping_and_a_hopeless_one_a_clear_error():
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.ones(64, 32)  # every input equal: rank one
+    h = x.T @ x
+    with pytest.raises(torch.linalg.LinAlgError):  # singular at this damping...
+        torch.linalg.cholesky(h + 1e-8 * torch.diag(h).mean() * torch.eye(32))
+    codes, _ = quantize_layer(w, h, 4, 32, damp=1e-8)  # ...so GPTQ damps it more
+    assert int(codes.max()) < 16
+    with pytest.raises(StageFailed, match="give gptq more calibration samples, or a larger damp"):
+        quantize_layer(w, -torch.eye(32), 4, 32, damp=0.01)

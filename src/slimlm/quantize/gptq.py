@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from slimlm.errors import StageFailed
 from slimlm.progress import track
 from slimlm.quantize.ort_quantize import matches
 
@@ -89,9 +90,7 @@ def quantize_layer(
     column_scale = scales.repeat_interleave(block_size, dim=1)
     w = weight.clone()
     w[:, dead] = 0
-    h += damp * torch.diag(h).mean() * torch.eye(cols)
-    # Upper Cholesky factor of H^-1: row i holds how the error of column i spreads to the columns after it.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = _inverse_factor(h, damp)
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
     for start in range(0, cols, block_size):  # lazy batches: update the rest of the matrix once per batch
         end = start + block_size
@@ -104,6 +103,24 @@ def quantize_layer(
             errors[:, i - start] = error
         w[:, end:] -= errors @ hinv[start:end, end:]
     return codes, scales
+
+
+def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping)^-1: row i holds how column i's error spreads to the columns after it.
+
+    A Hessian from little or repetitive calibration text can be singular; more damping makes it definite.
+    """
+    mean = torch.diag(h).mean()
+    for factor in (1, 10, 100):
+        try:
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(h + factor * damp * mean * torch.eye(len(h))))
+            return torch.linalg.cholesky(inverse, upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise StageFailed(
+        f"GPTQ: a layer's input Hessian is not positive definite even with damp {100 * damp}; "
+        "give gptq more calibration samples, or a larger damp"
+    )
 
 
 def _scale(blocks: torch.Tensor, importance: torch.Tensor, half: int) -> torch.Tensor:
