@@ -6,11 +6,10 @@ inputs (H = X^T X on calibration text), so the layer's outputs on that text chan
 scales come out in MatMulNBits' symmetric layout (4-bit codes offset by 8, a scale per block of
 `block_size` inputs), so onnxruntime runs them as they are: ort_quantize writes them, not its own rounding.
 
-Measured on the quickstart's student (top-1 agreement with fp32 on 4,096 held-out tokens): with the head,
-v, o and down at 8 bits and SmoothQuant, GPTQ took int4 from 0.84 (round-to-nearest) to 0.89. Shrinking a
-block's scale where clipping its largest entry lowers the importance-weighted rounding error added 0.005.
-SmoothQuant costs agreement after GPTQ (with k at 8 bits too: 0.90 at alpha 0.75, 0.91 without). Ordering
-columns by the Hessian's diagonal ("act order") did not help and is not implemented.
+Measured on the quickstart's student (benchmarks/quantize_variants.py: top-1 agreement with fp32 on 4,096
+held-out tokens): with the head, v, o and down at 8 bits, GPTQ took int4 from 0.84 (round-to-nearest after
+SmoothQuant) to 0.90; with k at 8 bits too, 0.91. SmoothQuant before GPTQ costs a little (0.90 with it).
+Ordering columns by the Hessian's diagonal ("act order") did not help in a trial and is not implemented.
 """
 
 from __future__ import annotations
