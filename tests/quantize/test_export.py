@@ -226,7 +226,7 @@ def test_generate_command_streams_without_torch(exported):
 def test_onnxruntime_genai_format_builds_and_runs_on_the_edge_runtime(tiny_llama, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(
-        RECIPE.format(model=tiny_llama, quantize="int4", min_agreement=0.3).replace(
+        RECIPE.format(model=tiny_llama, quantize="int4", options="", min_agreement=0.3).replace(
             "    quantize: int4", "    quantize: int4\n    format: onnx-genai"
         )
     )
@@ -244,7 +244,7 @@ def test_onnxruntime_genai_refuses_head_dim_not_divisible_by_16(tokenizer_dir, t
     model = build_tiny("llama", tokenizer_dir, tmp_path / "hd8", head_dim=8)
     path = tmp_path / "r.yaml"
     path.write_text(
-        RECIPE.format(model=model, quantize="int4", min_agreement=0.3).replace(
+        RECIPE.format(model=model, quantize="int4", options="", min_agreement=0.3).replace(
             "    quantize: int4", "    quantize: int4\n    format: onnx-genai"
         )
     )
