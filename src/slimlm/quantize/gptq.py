@@ -20,6 +20,7 @@ import torch
 
 from slimlm.errors import StageFailed
 from slimlm.progress import track
+from slimlm.quantize.calibration import record_linear_inputs
 from slimlm.quantize.ort_quantize import matches
 
 
@@ -52,25 +53,11 @@ def gptq(
 
 
 def _hessians(model, blocks: torch.Tensor, linears: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
-    sums = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
-    count = 0
-
-    def hook(name):
-        def accumulate(_module, inputs, _output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            sums[name].addmm_(x.T, x)
-
-        return accumulate
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
-    try:
-        for row in blocks:
-            model(input_ids=row[None], use_cache=False)
-            count += row.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: s / max(count, 1) for n, s in sums.items()}
+    """X^T X / tokens of each layer's inputs over the calibration blocks."""
+    sums = {m: torch.zeros(m.in_features, m.in_features) for m in linears.values()}
+    record_linear_inputs(model, blocks, sums, lambda m, x: sums[m].addmm_(x.T.float(), x.float()))
+    tokens = max(blocks.numel(), 1)
+    return {n: sums[m] / tokens for n, m in linears.items()}
 
 
 def quantize_layer(

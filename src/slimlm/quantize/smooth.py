@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from slimlm import arch
+from slimlm.quantize.calibration import record_linear_inputs
 
 
 @torch.no_grad()
@@ -43,17 +44,12 @@ def _input_absmax(model: torch.nn.Module, blocks: torch.Tensor) -> dict[torch.nn
     """Per-channel max |input| of every Linear over the calibration blocks."""
     amax: dict[torch.nn.Module, torch.Tensor] = {}
 
-    def record(module, inputs):
-        x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0).float()
+    def record(module, x):
+        x = x.abs().amax(0).float()
         amax[module] = torch.maximum(amax[module], x) if module in amax else x
 
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    try:
-        for block in blocks:
-            model(input_ids=block[None], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    record_linear_inputs(model, blocks, linears, record)
     return amax
 
 

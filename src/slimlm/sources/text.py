@@ -67,10 +67,7 @@ def split_text(text: str, spec: DataSpec, source: str) -> list[str]:
         raise SourceError(f"data file {source} holds no text")
     if spec.split == "all":
         return [text]
-    if spec.split not in ("train", "test"):
-        raise SourceError(
-            f"split {spec.split!r} is only available for hf: datasets; local sources have train, test and all"
-        )
+    _check_local_split(spec.split)
     mark = int(len(text) * (1 - spec.test_fraction))
     cut = next((i for i in (text.find("\n\n", mark), text.find("\n", mark)) if i >= 0), len(text))
     head, tail = text[:cut].strip(), text[cut:].strip()
@@ -85,14 +82,18 @@ def split_documents(docs: list[str], split: str, test_fraction: float) -> list[s
     """Deterministic split by a hash of each document, so it is stable across runs and machines."""
     if split == "all":
         return docs
-    if split not in ("train", "test"):
-        raise SourceError(f"split {split!r} is only available for hf: datasets; local sources have train, test and all")
+    _check_local_split(split)
 
     def is_test(doc: str) -> bool:
         bucket = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "big") / 2**64
         return bucket < test_fraction
 
     return [d for d in docs if is_test(d) == (split == "test")]
+
+
+def _check_local_split(split: str) -> None:
+    if split not in ("train", "test"):
+        raise SourceError(f"split {split!r} is only available for hf: datasets; local sources have train, test and all")
 
 
 def python_docs() -> list[str]:
