@@ -34,7 +34,8 @@ FAMILIES = {
         dict(query_pre_attn_scalar=16, sliding_window=32, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
     ),
     "gemma3_text": ("Gemma3TextConfig", dict(query_pre_attn_scalar=16, sliding_window=32)),
-    "phi3": ("Phi3Config", dict(tie_word_embeddings=False)),
+    # as Phi-3-mini-4k: no LongRoPE (onnxruntime-genai's builder reads a longer context as LongRoPE)
+    "phi3": ("Phi3Config", dict(tie_word_embeddings=False, original_max_position_embeddings=512)),
 }
 
 

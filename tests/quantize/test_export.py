@@ -198,6 +198,51 @@ def test_a_tied_embedding_reads_the_quantized_head_instead_of_a_copy(
     assert size["default"] < 0.7 * size["fp32"]
 
 
+@pytest.mark.parametrize("family", ["llama", "phi3"])  # a tied head, and phi3's fused qkv and gate_up layers
+def test_the_genai_graph_is_quantized_as_the_dynamo_graph_is(family, exported, tiny_models, tmp_path):
+    """onnxruntime-genai's builder names nodes its own way; its MatMuls are matched to Linear layers by weight,
+    so GPTQ codes, keep_8bit and the shared tied table land where they do in the dynamo graph."""
+    from slimlm.quantize.export import build_genai, linear_weights
+    from slimlm.quantize.gptq import gptq
+    from slimlm.quantize.ort_quantize import linear_layers, quantize_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    build_genai(tiny_models[family], tmp_path / "fp32", tmp_path)
+    fp32 = onnx.load(str(tmp_path / "fp32" / "model.onnx")).graph
+    layers = linear_layers(onnx.load(str(tmp_path / "fp32" / "model.onnx")), linear_weights(model))
+    # every Linear found, and every MatMul of a weight (phi3's qkv_proj and gate_up_proj as row runs) named
+    assert set(layers.values()) == set(linear_weights(model))
+    constants = {t.name for t in fp32.initializer}
+    assert len(layers) == sum(n.op_type == "MatMul" and n.input[1] in constants for n in fp32.node)
+    keep = ["lm_head", "down_proj"]
+    codes = gptq(model, torch.randint(0, model.config.vocab_size, (4, 32)), skip=keep, bits=4, block_size=16)
+    options = dict(bits=4, block_size=16, keep_8bit=keep, prequantized=codes)
+    quantize_weights(tmp_path / "fp32", tmp_path / "genai", **options, linears=linear_weights(model))
+    quantize_weights(exported[family], tmp_path / "dynamo", **options)
+    graph = onnx.load(str(tmp_path / "genai" / "model.onnx")).graph
+    # every weight quantized, the table included: a tied one reads the head's blocks, with no transposed fp32 copy
+    constants = {t.name for t in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+    assert not [n.name for n in graph.node if n.op_type in ("Gather", "Transpose") and n.input[0] in constants]
+    assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
+    # The same quantized model in two graphs: they differ far less than either differs from fp32 (the kernels
+    # quantize activations and sum in their own order, which depends on how the graph splits a layer).
+    ids = np.array([[1, 5, 9, 2, 7, 11, 3, 4]])
+    genai, dynamo = (EdgeModel(tmp_path / d).logits(ids) for d in ("genai", "dynamo"))
+    ref = model(torch.tensor(ids)).logits.detach().numpy()
+    assert np.abs(genai - dynamo).mean() < 0.1 * np.abs(dynamo - ref).mean()
+    # ...and the same weight bytes (the genai graph also stores its rotary cos/sin tables)
+    weights = {
+        d: sum(
+            numpy_helper.to_array(t).nbytes
+            for t in onnx.load(str(tmp_path / d / "model.onnx")).graph.initializer
+            if t.name not in ("cos_cache", "sin_cache") and np.prod(t.dims) > model.config.hidden_size
+        )
+        for d in ("genai", "dynamo")
+    }
+    assert weights["genai"] == weights["dynamo"]
+
+
 def test_exporting_a_bitsandbytes_model_is_refused(tiny_llama, tmp_path):
     import shutil
 

@@ -1,5 +1,9 @@
 """`kind: export` — ONNX with a KV cache (fp32, int8 or int4), checked against the PyTorch model it came from.
 
+Two graphs, one quantization: `format: onnx` is the torch dynamo exporter's graph in Optimum's layout;
+`format: onnx-genai` is onnxruntime-genai's builder's fused graph (faster to decode on CPUs). Both get
+SmoothQuant, GPTQ, keep_8bit and the shared tied table from quantize/ort_quantize.py.
+
 The parity check runs the exported model in onnxruntime on held-out text and records the largest
 logit difference, top-1 agreement and KL against the PyTorch input model, and how many greedy
 tokens match over N decode steps: metrics a recipe can gate on.
@@ -12,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -51,7 +56,7 @@ class GPTQOptions(CalibrationOptions):
 
 class ExportConfig(StageConfig):
     kind: Literal["export"]
-    format: Literal["onnx", "onnx-genai"] = "onnx"  # onnx-genai: onnxruntime-genai's builder (fused CPU attention)
+    format: Literal["onnx", "onnx-genai"] = "onnx"  # onnx-genai: onnxruntime-genai's fused graph (faster on CPUs)
     quantize: Literal["none", "int8", "int4"] = "int8"
     block_size: int = Field(32, ge=16, description="quantization block size along the input dimension (a power of two)")
     quantize_embeddings: bool = (
@@ -82,11 +87,11 @@ class ExportConfig(StageConfig):
 
     @model_validator(mode="after")
     def _options_need_onnx_quantization(self) -> ExportConfig:
-        if self.keep_8bit and (self.quantize != "int4" or self.format != "onnx"):
-            raise ValueError("keep_8bit applies to format: onnx with quantize: int4 only")
+        if self.keep_8bit and self.quantize != "int4":
+            raise ValueError("keep_8bit applies to quantize: int4 only")
         for option in ("smooth", "gptq"):
-            if getattr(self, option) and (self.quantize == "none" or self.format != "onnx"):
-                raise ValueError(f"{option} applies to format: onnx with quantize: int8 or int4 only")
+            if getattr(self, option) and self.quantize == "none":
+                raise ValueError(f"{option} applies to quantize: int8 or int4 only")
         return self
 
 
@@ -108,16 +113,19 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
         context.input_dir, dtype="float32", device="cpu", trust_remote_code=context.recipe.trust_remote_code
     )
     arch.family_of(model.config)
-    out = context.output_dir / "onnx"
     if config.format == "onnx-genai":
-        build_genai(config, context.input_dir, out, context.work_dir, arch.head_dim(model.config))
-        return StageResult(artifact="onnx", metrics=_parity(config, context, model, out))
+        check_genai_head_dim(config, arch.head_dim(model.config))
     check_keep_8bit(config, model)
     bits = 8 if config.quantize == "int8" else 4
+    source = context.input_dir
     if config.smooth:
         status(f"migrating activation outliers into the weights (SmoothQuant, alpha {config.smooth.alpha})")
         # exact in fp32: parity below still measures the input's function
         smooth(model, _calibration(config.smooth, context, model), config.smooth.alpha)
+        if config.format == "onnx-genai":  # the builder reads a checkpoint, so it gets the smoothed one
+            source = context.work_dir / "smoothed"
+            model.save_pretrained(source)
+            copy_side_files(context.input_dir, source)
     codes = None
     if config.gptq:
         status(f"choosing {bits}-bit weights with GPTQ")
@@ -125,9 +133,14 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
         codes = gptq(
             model, blocks, skip=config.keep_8bit, bits=bits, block_size=config.block_size, damp=config.gptq.damp
         )
+    out = context.output_dir / "onnx"
     fp32_dir = out if config.quantize == "none" else context.work_dir / "fp32"
-    status("exporting to ONNX with a KV cache (torch.onnx dynamo exporter)")
-    export_onnx(model, context.input_dir, fp32_dir)
+    if config.format == "onnx-genai":
+        status("building onnxruntime-genai's fused fp32 graph")
+        build_genai(source, fp32_dir, context.work_dir, config.name)
+    else:
+        status("exporting to ONNX with a KV cache (torch.onnx dynamo exporter)")
+        export_onnx(model, context.input_dir, fp32_dir)
     if config.quantize != "none":
         status(f"quantizing to {config.quantize} with onnxruntime")
         quantize_weights(
@@ -139,9 +152,16 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
             embedding_bits=config.embedding_bits,
             keep_8bit=config.keep_8bit,
             prequantized=codes,
+            # the builder's graph does not record which Linear a MatMul came from: its weight says
+            linears=linear_weights(model) if config.format == "onnx-genai" else None,
         )
         shutil.rmtree(fp32_dir, ignore_errors=True)
+    shutil.rmtree(context.work_dir / "smoothed", ignore_errors=True)
     return StageResult(artifact="onnx", metrics=_parity(config, context, model, out))
+
+
+def linear_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {n: m.weight.detach().numpy() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def _calibration(options: CalibrationOptions, context: StageContext, model: torch.nn.Module) -> torch.Tensor:
@@ -166,18 +186,22 @@ def check_keep_8bit(config: ExportConfig, model: torch.nn.Module) -> None:
             )
 
 
-def build_genai(config: ExportConfig, input_dir: Path, out: Path, work_dir: Path, head_dim: int) -> None:
-    """onnxruntime-genai's model builder: its own graph with fused GroupQueryAttention for CPUs."""
-    import subprocess
-    import sys
-
+def check_genai_head_dim(config: ExportConfig, head_dim: int) -> None:
     if head_dim % 16:
         raise UnsupportedModelError(
             f"stage '{config.name}': onnxruntime-genai's CPU attention needs head_dim divisible "
             f"by 16, and this model's is {head_dim}; use format: onnx instead"
         )
-    precision = {"none": "fp32", "int8": "int8", "int4": "int4"}[config.quantize]
-    status(f"building an onnxruntime-genai {precision} model")
+
+
+def build_genai(input_dir: Path, out: Path, work_dir: Path, stage: str = "export") -> None:
+    """onnxruntime-genai's model builder at fp32: its graph fuses attention (GroupQueryAttention with rotary),
+    the residual adds into the norms, and reads the KV cache in place, which makes decoding fast on CPUs.
+    slimlm quantizes its weights as it does the dynamo graph's, so both formats get GPTQ, keep_8bit and
+    a shared tied table. Q, K and V stay separate MatMuls so that each can have its own width."""
+    import subprocess
+    import sys
+
     cmd = [
         sys.executable,
         "-m",
@@ -187,16 +211,18 @@ def build_genai(config: ExportConfig, input_dir: Path, out: Path, work_dir: Path
         "-o",
         str(out),
         "-p",
-        precision,
+        "fp32",
         "-e",
         "cpu",
         "-c",
         str(work_dir / "genai-cache"),
+        "--extra_options",
+        "fuse_qkv=false",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise StageFailed(f"stage '{config.name}': onnxruntime-genai's builder failed: {tail[0][:300]}")
+        raise StageFailed(f"stage '{stage}': onnxruntime-genai's builder failed: {tail[0][:300]}")
     copy_side_files(input_dir, out)  # config.json and generation_config.json for slimlm's edge runtime and evaluation
 
 

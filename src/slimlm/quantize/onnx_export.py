@@ -29,6 +29,7 @@ SIDE_FILES = (
     "special_tokens_map.json",
     "tokenizer.model",
     "chat_template.jinja",
+    "genai_config.json",  # onnxruntime-genai's runtime reads it; the builder's graph keeps it through quantization
 )
 
 

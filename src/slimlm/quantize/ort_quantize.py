@@ -38,6 +38,7 @@ def quantize_weights(
     accuracy_level: int = 4,
     keep_8bit: Sequence[str] = (),
     prequantized: Mapping[str, tuple] | None = None,
+    linears: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Quantize every constant-weight MatMul to `bits`, those of the Linear layers `keep_8bit` names to 8;
     with `embeddings`, the embedding table to `embedding_bits` (it is a fifth of a small model).
@@ -45,17 +46,21 @@ def quantize_weights(
     A table tied to the output head is not stored twice: at the head's width (the default for a tied
     model) the embedding gathers rows of the head's quantized weight. Otherwise the default is 4 bits.
     `prequantized` maps Linear names to `bits`-wide codes and scales chosen elsewhere (GPTQ), written as they are.
+    `linears` (Linear name -> weight [out, in]) names the layers of a graph without the dynamo exporter's
+    scopes, such as onnxruntime-genai's builder writes; `keep_8bit` and `prequantized` need those names.
     """
     import onnx
 
     model = onnx.load(str(src / ONNX_FILE))
-    layers = linear_layers(model)
+    _fold_transposed_tables(model)
+    matmuls = _linear_matmuls(model, linears)
+    layers = {node: name for node, (name, _) in matmuls.items()}
     tied = _tied_embedding(model, layers, block_size)
     head_bits = 8 if bits == 8 or matches("lm_head", keep_8bit) else bits
     if embedding_bits is None:
         embedding_bits = head_bits if tied else 4
     if prequantized:
-        _write_codes(model, layers, prequantized, bits, accuracy_level)
+        _write_codes(model, matmuls, prequantized, bits, accuracy_level)
     if keep_8bit:
         chosen = {node for node, name in layers.items() if matches(name, keep_8bit)}
         model = _nbits(model, ("MatMul",), 8, block_size, accuracy_level, exclude=set(layers) - chosen)
@@ -79,18 +84,48 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatchcase(name, p) or fnmatchcase(name.rsplit(".", 1)[-1], p) for p in patterns)
 
 
-def linear_layers(model) -> dict[str, str]:
-    """MatMul node name -> the Linear module it came from (`model.layers.0.mlp.down_proj`, `lm_head`).
+def linear_layers(model, linears: Mapping[str, np.ndarray] | None = None) -> dict[str, str]:
+    """MatMul node name -> the Linear module it came from (`model.layers.0.mlp.down_proj`, `lm_head`)."""
+    return {node: name for node, (name, _) in _linear_matmuls(model, linears).items()}
+
+
+def _linear_matmuls(model, linears: Mapping[str, np.ndarray] | None) -> dict[str, tuple[str, slice | None]]:
+    """MatMul node name -> (Linear name, the rows of its weight the node holds, None for all of them).
 
     The dynamo exporter records each node's module scopes, innermost last: the op itself (`linear_3`),
     then its module. The outermost module is our export wrapper's `model.` attribute, which is not part
-    of the Hugging Face name.
+    of the Hugging Face name. Other graphs (onnxruntime-genai's builder) name nodes their own way; with
+    `linears`, a MatMul is the Linear whose weight its constant holds, transposed, bit for bit, or a run
+    of that weight's rows (the builder splits phi3's fused qkv_proj and gate_up_proj).
     """
-    out = {}
-    for node in model.graph.node:
-        scopes = _scopes(node)
-        if node.op_type == "MatMul" and len(scopes) > 1 and scopes[-1].startswith("linear"):
-            out[node.name] = scopes[-2].removeprefix("model.")
+    if linears is None:
+        out = {}
+        for node in model.graph.node:
+            scopes = _scopes(node)
+            if node.op_type == "MatMul" and len(scopes) > 1 and scopes[-1].startswith("linear"):
+                out[node.name] = (scopes[-2].removeprefix("model."), None)
+        return out
+    import hashlib
+
+    from onnx import numpy_helper
+
+    def digest(a: np.ndarray) -> str:
+        return hashlib.sha1(np.ascontiguousarray(a, np.float32).tobytes() + str(a.shape).encode()).hexdigest()
+
+    constants = {t.name: t for t in model.graph.initializer}
+    weights = {
+        node.name: numpy_helper.to_array(constants[node.input[1]])
+        for node in model.graph.node
+        if node.op_type == "MatMul" and node.input[1] in constants and len(constants[node.input[1]].dims) == 2
+    }
+    whole = {digest(np.asarray(w).T): name for name, w in linears.items()}
+    out = {node: (whole[digest(b)], None) for node, b in weights.items() if digest(b) in whole}
+    split = {n: np.asarray(w) for n, w in linears.items() if n not in {name for name, _ in out.values()}}
+    first_rows = {digest(w[r]): (name, r) for name, w in split.items() for r in range(w.shape[0])}
+    for node, b in weights.items():
+        name, start = first_rows.get(digest(b[:, 0]), (None, 0)) if node not in out else (None, 0)
+        if name is not None and np.array_equal(split[name][start : start + b.shape[1]], b.T):
+            out[node] = (name, slice(start, start + b.shape[1]))
     return out
 
 
@@ -133,7 +168,9 @@ def _embeddings_8bit(model, block_size: int):
     return model
 
 
-def _write_codes(model, layers: dict[str, str], codes: Mapping[str, tuple], bits: int, accuracy_level: int) -> None:
+def _write_codes(
+    model, matmuls: Mapping[str, tuple[str, slice | None]], codes: Mapping[str, tuple], bits: int, accuracy_level: int
+) -> None:
     """Replace the MatMuls of the Linear layers in `codes` by MatMulNBits over the given codes and scales.
 
     Codes are unsigned (offset by 2^(bits-1), MatMulNBits' implicit zero point), [out, in]; scales [out, blocks].
@@ -141,11 +178,14 @@ def _write_codes(model, layers: dict[str, str], codes: Mapping[str, tuple], bits
     from onnx import helper, numpy_helper
 
     graph = model.graph
+    missing = set(codes) - {name for name, _ in matmuls.values()}
+    if missing:  # quantizing the rest would silently drop what GPTQ chose for these
+        raise ValueError(f"no MatMul in the graph holds the weight of {', '.join(sorted(missing))}")
     for node in list(graph.node):
-        name = layers.get(node.name)
+        name, rows = matmuls.get(node.name, (None, None))
         if name not in codes:
             continue
-        q, scales = (np.asarray(t) for t in codes[name])
+        q, scales = (np.asarray(t)[rows or slice(None)] for t in codes[name])
         n, k = q.shape
         block_size = k // scales.shape[1]
         blocks = q.reshape(n, k // block_size, block_size).astype(np.uint8)
@@ -183,10 +223,31 @@ def _embedding_gathers(model) -> list:
     out = []
     for node in model.graph.node:
         scopes = _scopes(node)
-        module = scopes[-2] if len(scopes) > 1 else ""  # e.g. model.model.embed_tokens
-        if node.op_type == "Gather" and node.input[0] in constants and module.endswith("embed_tokens"):
+        module = scopes[-2] if len(scopes) > 1 else node.name  # model.model.embed_tokens; genai: /model/embed_tokens/
+        if node.op_type == "Gather" and node.input[0] in constants and "embed_tokens" in module:
             out.append(node)
     return out
+
+
+def _fold_transposed_tables(model) -> None:
+    """Make a lookup of a transposed constant (onnxruntime-genai's tied table: Transpose of the head's
+    weight) a lookup of a constant, so the table is recognised, compared and quantized as any other."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    for gather in [n for n in graph.node if n.op_type == "Gather"]:
+        transpose = producers.get(gather.input[0])
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in constants:
+            continue
+        perm = next((helper.get_attribute_value(a) for a in transpose.attribute if a.name == "perm"), None)
+        table = np.transpose(numpy_helper.to_array(constants[transpose.input[0]]), perm)
+        name = gather.name.strip("/").replace("/", ".") + ".table"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table), name))
+        gather.input[0] = name
+        if not any(transpose.output[0] in n.input for n in graph.node):
+            graph.node.remove(transpose)
 
 
 def _tied_embedding(model, layers: dict[str, str], block_size: int) -> tuple[str, str] | None:
