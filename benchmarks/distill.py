@@ -65,7 +65,12 @@ def recipe(name: str, s: dict, stages: list[dict]) -> Recipe:
                 "train": {**s["train"], "seq_len": s["seq_len"]},
                 "eval": {**s["eval"], "seq_len": s["seq_len"]},
             },
-            evaluation={"perplexity": {"data": "eval", "max_tokens": 16384}},
+            evaluation={
+                "perplexity": {"data": "eval", "max_tokens": 16384},
+                # KL(teacher || student) per token: whether a loss brings the student closer to its teacher,
+                # which on a small student need not mean closer to the data
+                "agreement": {"data": "eval", "max_tokens": 16384},
+            },
             stages=[{"name": "prune", "kind": "prune", "calibration": "calibration", **s["prune"]}, *stages],
         )
     )
@@ -142,6 +147,7 @@ def bench(name: str, s: dict, budgets: list[int], throughput: bool = True) -> di
                     "variant": label,
                     "tokens": m["train_tokens"],
                     "perplexity": m["perplexity"],
+                    "kl_to_teacher": m["agreement"]["kl"],
                     "tokens_per_second": m["tokens_per_second"],
                 }
             )
@@ -186,12 +192,13 @@ def print_table(r: dict) -> None:
         f"\n## {r['model']}: teacher perplexity {r['teacher_perplexity']:.3f}, pruned {r['pruned_perplexity']:.3f} "
         f"(shape {r['pruned_shape']}, {r['pruned_params']:,} params)\n"
     )
-    print("| variant | tokens | held-out perplexity | log-ppl gap closed | loop tokens/s |")
-    print("|---|---|---|---|---|")
+    print("| variant | tokens | held-out perplexity | log-ppl gap closed | KL to teacher | loop tokens/s |")
+    print("|---|---|---|---|---|---|")
     for row in r["rows"]:
         gap = f"{row['gap_closed']:.0%}" if row["gap_closed"] is not None else "n/a"
         print(
-            f"| {row['variant']} | {row['tokens']:,} | {row['perplexity']:.3f} | {gap} | {row['tokens_per_second']:.0f} |"
+            f"| {row['variant']} | {row['tokens']:,} | {row['perplexity']:.3f} | {gap} | {row['kl_to_teacher']:.3f} | "
+            f"{row['tokens_per_second']:.0f} |"
         )
     if r["throughput_ratio"] is not None:
         print(
