@@ -1,6 +1,7 @@
 """Decode speed, size and agreement of exported models on SmolLM2-135M and its pruned student.
 
     python benchmarks/export.py [--student runs/quickstart/02-distill/model] [--repeats 3] [--new-tokens 128]
+                                [--keep-8bit lm_head k_proj ...] [--no-smollm2]
 
 For each model: PyTorch fp32 eager `generate`, and slimlm's edge runtime (`slimlm generate`'s
 code path) on ONNX fp32, int8 and int4 (MatMulNBits) exports made as the quickstart makes them, in both formats:
@@ -127,7 +128,7 @@ def time_genai(out: Path, ids: list[int], new_tokens: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path) -> dict:
+def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path, int4: dict) -> dict:
     model = load_model(model_dir)
     tok = load_tokenizer(model_dir)
     ids = tok(PROMPT, return_tensors="pt").input_ids
@@ -144,7 +145,7 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path)
     smoothed_dir = work / f"{name}-smoothed"
     smoothed.save_pretrained(smoothed_dir)  # onnxruntime-genai's builder reads checkpoints
     copy_side_files(model_dir, smoothed_dir)
-    codes = gptq(model, calibration, skip=INT4["keep_8bit"], bits=4)
+    codes = gptq(model, calibration, skip=int4["keep_8bit"], bits=4)
     export_onnx(model, model_dir, work / f"{name}-onnx-fp32")
     export_onnx(smoothed, model_dir, work / f"{name}-onnx-fp32-smooth")
     genai_error = genai_build(model_dir, work / f"{name}-genai-int4")
@@ -158,7 +159,7 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path)
         variants = {
             "int8": (INT8, "-smooth", smoothed, None),
             "int8 b16": (INT8_B16, "-smooth", smoothed, None),
-            "int4": (INT4, "", model, codes),
+            "int4": (int4, "", model, codes),
         }
         for variant, (options, source, weights_of, prequantized) in variants.items():
             out = exports[f"{graph} {variant}"] = work / f"{name}-{graph}-{variant.replace(' ', '-')}"
@@ -207,12 +208,14 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path)
         "new_tokens": new_tokens,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
+        "int4_keep_8bit": int4["keep_8bit"],
     }
 
 
 def print_table(r: dict) -> None:
     print(
-        f"\n## {r['model']}  (batch 1, {r['new_tokens']} new tokens, greedy, prefill included, median of {r['repeats']})\n"
+        f"\n## {r['model']}  (batch 1, {r['new_tokens']} new tokens, greedy, prefill included, median of {r['repeats']}; "
+        f"int4 keeps {', '.join(r['int4_keep_8bit'])} at 8 bits)\n"
     )
     print("| variant | decode tokens/s | vs PyTorch fp32 | size MB | vs fp32 size | top-1 agreement |")
     print("|---|---|---|---|---|---|")
@@ -231,9 +234,12 @@ def main() -> None:
     parser.add_argument("--student", type=Path, default=ROOT / "runs" / "quickstart" / "02-distill" / "model")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--keep-8bit", nargs="+", default=INT4["keep_8bit"], help="the int4 exports' 8-bit layers")
+    parser.add_argument("--no-smollm2", action="store_true", help="only the student")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export.json")
     args = parser.parse_args()
-    models = {"SmolLM2-135M": resolve_model(SMOLLM2)}
+    int4 = {**INT4, "keep_8bit": args.keep_8bit}
+    models = {} if args.no_smollm2 else {"SmolLM2-135M": resolve_model(SMOLLM2)}
     if args.student.is_dir():
         models["pruned student"] = args.student
     else:
@@ -241,7 +247,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as work:
         for name, path in models.items():
-            results.append(bench(name.replace(" ", "-"), path, args.repeats, args.new_tokens, Path(work)))
+            results.append(bench(name.replace(" ", "-"), path, args.repeats, args.new_tokens, Path(work), int4))
             print_table(results[-1])
             sys.stdout.flush()
     write_results(args.out, {"results": results})
