@@ -119,11 +119,14 @@ def _linear_matmuls(model, linears: Mapping[str, np.ndarray] | None) -> dict[str
         if node.op_type == "MatMul" and node.input[1] in constants and len(constants[node.input[1]].dims) == 2
     }
     whole = {digest(np.asarray(w).T): name for name, w in linears.items()}
-    out = {node: (whole[digest(b)], None) for node, b in weights.items() if digest(b) in whole}
+    digests = {node: digest(b) for node, b in weights.items()}
+    out = {node: (whole[d], None) for node, d in digests.items() if d in whole}
+    # The rest may hold runs of rows of the Linears not yet found: index those by row, then check the whole run.
     split = {n: np.asarray(w) for n, w in linears.items() if n not in {name for name, _ in out.values()}}
     first_rows = {digest(w[r]): (name, r) for name, w in split.items() for r in range(w.shape[0])}
-    for node, b in weights.items():
-        name, start = first_rows.get(digest(b[:, 0]), (None, 0)) if node not in out else (None, 0)
+    for node in weights.keys() - out.keys():
+        b = weights[node]
+        name, start = first_rows.get(digest(b[:, 0]), (None, 0))
         if name is not None and np.array_equal(split[name][start : start + b.shape[1]], b.T):
             out[node] = (name, slice(start, start + b.shape[1]))
     return out
