@@ -5,9 +5,9 @@
 stories260K is pruned by 50% of its non-embedding parameters (TinyStories from ../shared), from the
 teacher as it is and from the teacher corrected first (fine-tuned on the train split: the file's
 formatting is text it never saw); SmolLM2-135M by the quickstart's settings at the budget this
-machine allows. Gap closed is measured against each row's own teacher and the model pruned from it. Also the distill
-loop's throughput as a ratio to a bare PyTorch loop doing the same teacher forward and student
-forward/backward/step. Every run goes through slimlm's runner, into benchmarks/results/runs/.
+machine allows. Gap closed is measured against each row's own teacher and the model pruned from it.
+Also the distill loop's throughput as a ratio to a bare PyTorch loop doing the same teacher forward
+and student forward/backward/step. Every run goes through slimlm's runner, into benchmarks/results/runs/.
 """
 
 from __future__ import annotations
