@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 from common import ROOT, write_results
 
 from slimlm.edge import EdgeModel
+from slimlm.errors import StageFailed
 from slimlm.quantize.export import build_genai, linear_weights
 from slimlm.quantize.gptq import gptq
 from slimlm.quantize.onnx_export import copy_side_files, export_onnx
@@ -83,32 +83,17 @@ def agreement(model, edge: EdgeModel, blocks: torch.Tensor) -> float:
 
 
 def genai_build(model_dir: Path, out: Path) -> str | None:
-    """onnxruntime-genai's int4 CPU build; returns why not, if it cannot be built."""
+    """onnxruntime-genai's own int4 CPU build; returns why not, if it cannot be built."""
     from transformers import AutoConfig
 
     from slimlm import arch
 
     if arch.head_dim(AutoConfig.from_pretrained(model_dir)) % 16:
         return "head_dim % 16 != 0"
-    cmd = [
-        sys.executable,
-        "-m",
-        "onnxruntime_genai.models.builder",
-        "-i",
-        str(model_dir),
-        "-o",
-        str(out),
-        "-p",
-        "int4",
-        "-e",
-        "cpu",
-        "-c",
-        str(out / "cache"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        return (proc.stderr or proc.stdout).strip().splitlines()[-1][:200]
-    copy_side_files(model_dir, out)  # config.json, which slimlm's edge runtime reads
+    try:
+        build_genai(model_dir, out, out.parent, precision="int4")
+    except StageFailed as e:
+        return str(e)
     return None
 
 

@@ -207,17 +207,18 @@ def test_the_genai_graph_is_quantized_as_the_dynamo_graph_is(family, exported, t
     from slimlm.quantize.ort_quantize import linear_layers, quantize_weights
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    weights = linear_weights(model)
     build_genai(tiny_models[family], tmp_path / "fp32", tmp_path)
-    fp32 = onnx.load(str(tmp_path / "fp32" / "model.onnx")).graph
-    layers = linear_layers(onnx.load(str(tmp_path / "fp32" / "model.onnx")), linear_weights(model))
+    fp32 = onnx.load(str(tmp_path / "fp32" / "model.onnx"))
+    layers = linear_layers(fp32, weights)
     # every Linear found, and every MatMul of a weight (phi3's qkv_proj and gate_up_proj as row runs) named
-    assert set(layers.values()) == set(linear_weights(model))
-    constants = {t.name for t in fp32.initializer}
-    assert len(layers) == sum(n.op_type == "MatMul" and n.input[1] in constants for n in fp32.node)
+    assert set(layers.values()) == set(weights)
+    constants = {t.name for t in fp32.graph.initializer}
+    assert len(layers) == sum(n.op_type == "MatMul" and n.input[1] in constants for n in fp32.graph.node)
     keep = ["lm_head", "down_proj"]
     codes = gptq(model, torch.randint(0, model.config.vocab_size, (4, 32)), skip=keep, bits=4, block_size=16)
     options = dict(bits=4, block_size=16, keep_8bit=keep, prequantized=codes)
-    quantize_weights(tmp_path / "fp32", tmp_path / "genai", **options, linears=linear_weights(model))
+    quantize_weights(tmp_path / "fp32", tmp_path / "genai", **options, linears=weights)
     quantize_weights(exported[family], tmp_path / "dynamo", **options)
     graph = onnx.load(str(tmp_path / "genai" / "model.onnx")).graph
     # every weight quantized, the table included: a tied one reads the head's blocks, with no transposed fp32 copy
@@ -232,7 +233,7 @@ def test_the_genai_graph_is_quantized_as_the_dynamo_graph_is(family, exported, t
     ref = model(torch.tensor(ids)).logits.detach().numpy()
     assert np.abs(genai - dynamo).mean() < 0.1 * np.abs(dynamo - ref).mean()
     # ...and the same weight bytes (the genai graph also stores its rotary cos/sin tables)
-    weights = {
+    stored = {
         d: sum(
             numpy_helper.to_array(t).nbytes
             for t in onnx.load(str(tmp_path / d / "model.onnx")).graph.initializer
@@ -240,7 +241,7 @@ def test_the_genai_graph_is_quantized_as_the_dynamo_graph_is(family, exported, t
         )
         for d in ("genai", "dynamo")
     }
-    assert weights["genai"] == weights["dynamo"]
+    assert stored["genai"] == stored["dynamo"]
 
 
 def test_exporting_a_bitsandbytes_model_is_refused(tiny_llama, tmp_path):

@@ -194,11 +194,12 @@ def check_genai_head_dim(config: ExportConfig, head_dim: int) -> None:
         )
 
 
-def build_genai(input_dir: Path, out: Path, work_dir: Path, stage: str = "export") -> None:
+def build_genai(input_dir: Path, out: Path, work_dir: Path, stage: str = "export", precision: str = "fp32") -> None:
     """onnxruntime-genai's model builder at fp32: its graph fuses attention (GroupQueryAttention with rotary),
     the residual adds into the norms, and reads the KV cache in place, which makes decoding fast on CPUs.
     slimlm quantizes its weights as it does the dynamo graph's, so both formats get GPTQ, keep_8bit and
-    a shared tied table. Q, K and V stay separate MatMuls so that each can have its own width."""
+    a shared tied table. Q, K and V stay separate MatMuls so that each can have its own width.
+    (`precision: int4` is the builder's own quantization, which benchmarks/export.py compares with.)"""
     import subprocess
     import sys
 
@@ -211,13 +212,12 @@ def build_genai(input_dir: Path, out: Path, work_dir: Path, stage: str = "export
         "-o",
         str(out),
         "-p",
-        "fp32",
+        precision,
         "-e",
         "cpu",
         "-c",
         str(work_dir / "genai-cache"),
-        "--extra_options",
-        "fuse_qkv=false",
+        *(["--extra_options", "fuse_qkv=false"] if precision == "fp32" else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
