@@ -38,12 +38,24 @@ class GenerationStats:
         return self.new_tokens / total if total else 0.0
 
 
+@dataclass
+class KVCache:
+    """The keys and values one generation has cached: arrays that each step replaces with longer ones, or, with a
+    `binding`, buffers of `max_length` that the graph updates in place."""
+
+    batch: int
+    max_length: int
+    past: list
+    binding: ort.IOBinding | None = None
+    length: int = 0
+
+
 class EdgeModel:
     """A causal LM exported by slimlm (Optimum's I/O names), run with a KV cache."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, options: ort.SessionOptions | None = None):
         path = Path(path)
-        options = ort.SessionOptions()
+        options = options or ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
@@ -58,7 +70,7 @@ class EdgeModel:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         shape = self.inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
         self.kv_heads = int(shape[1])
         # onnxruntime-genai builds leave head_dim symbolic; the config has it.
@@ -68,31 +80,63 @@ class EdgeModel:
             else int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
         )
         self.dtype = np.float16 if "float16" in self.inputs[self.past_names[0]].type else np.float32
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        self.logits_dtype = np.float16 if "float16" in logits.type else np.float32
+        self.vocab_size = logits.shape[2] if isinstance(logits.shape[2], int) else int(config["vocab_size"])
+        genai = path / "genai_config.json"
+        # onnxruntime-genai's builder marks graphs whose attention (GroupQueryAttention) can read and write one
+        # cache buffer in place; its own runtime then skips copying the cache into a new present every step.
+        self.share_buffer = genai.is_file() and bool(
+            json.loads(genai.read_text()).get("search", {}).get("past_present_share_buffer", False)
+        )
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits for a [batch, seq] block with no cache (for evaluation)."""
         batch, seq = input_ids.shape
-        feeds = self._feeds(
-            input_ids, np.ones((batch, seq), np.int64), np.tile(np.arange(seq), (batch, 1)), self._empty_past(batch)
-        )
+        feeds = self._feeds(input_ids, np.ones((batch, seq), np.int64), np.tile(np.arange(seq), (batch, 1)))
+        feeds.update(zip(self.past_names, self._empty_past(batch), strict=True))
         return self.session.run(["logits"], feeds)[0]
 
-    def step(self, ids: np.ndarray, past: list[np.ndarray] | None, length: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One forward pass over new tokens `ids` [batch, n] after `length` cached ones: (logits, new cache)."""
+    def new_cache(self, batch: int, max_length: int) -> KVCache:
+        """An empty cache for `batch` sequences of at most `max_length` tokens, prompt included."""
+        if not self.share_buffer:
+            return KVCache(batch, max_length, self._empty_past(batch))
+        shape = (batch, self.kv_heads, max_length, self.head_dim)
+        buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype)) for _ in self.past_names]
+        binding = self.session.io_binding()
+        for past, buffer in zip(self.past_names, buffers, strict=True):
+            binding.bind_ortvalue_input(past, buffer)
+            # the same memory as output: attention writes the new keys and values in place
+            binding.bind_ortvalue_output(past.replace("past_key_values.", "present."), buffer)
+        return KVCache(batch, max_length, buffers, binding)
+
+    def step(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """One forward pass over new tokens `ids` [batch, n] after those in `cache`, which it extends: the logits."""
         batch, n = ids.shape
-        past = self._empty_past(batch) if past is None else past
-        positions = np.tile(np.arange(length, length + n), (batch, 1))
-        outputs = self.session.run(None, self._feeds(ids, np.ones((batch, length + n), np.int64), positions, past))
-        return outputs[0], outputs[1:]
+        if cache.length + n > cache.max_length:
+            raise ValueError(f"the cache holds {cache.max_length} tokens; {cache.length} + {n} do not fit")
+        mask = np.ones((batch, cache.length + n), np.int64)
+        positions = np.tile(np.arange(cache.length, cache.length + n), (batch, 1))
+        feeds = self._feeds(ids, mask, positions)
+        if cache.binding is None:
+            feeds.update(zip(self.past_names, cache.past, strict=True))
+            logits, *cache.past = self.session.run(["logits", *self.present_names], feeds)
+        else:
+            for name, value in feeds.items():
+                cache.binding.bind_cpu_input(name, value)
+            logits = np.empty((batch, n, self.vocab_size), self.logits_dtype)  # onnxruntime writes into it
+            cache.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+            self.session.run_with_iobinding(cache.binding)
+        cache.length += n
+        return logits
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.dtype) for _ in self.past_names]
 
-    def _feeds(self, ids, mask, positions, past) -> dict[str, np.ndarray]:
+    def _feeds(self, ids, mask, positions) -> dict[str, np.ndarray]:
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
         if "position_ids" in self.inputs:
             feeds["position_ids"] = positions.astype(np.int64)
-        feeds.update(zip(self.past_names, past, strict=True))
         return feeds
 
     def generate_ids(
@@ -111,13 +155,10 @@ class EdgeModel:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt_ids)
         ids = np.array([prompt_ids], np.int64)
-        past = None
-        length = 0
+        cache = self.new_cache(1, len(prompt_ids) + max_new_tokens)
         t0 = time.perf_counter()
         for step in range(max_new_tokens):
-            logits, past = self.step(ids, past, length)
-            logits = logits[0, -1]
-            length += ids.shape[1]
+            logits = self.step(ids, cache)[0, -1]
             token = _sample(logits, rng, temperature, top_p) if sample else int(np.argmax(logits))
             now = time.perf_counter()
             if step == 0:

@@ -36,13 +36,37 @@ def exported(tiny_models, tmp_path_factory):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_fp32_onnx_matches_pytorch_over_prompt_and_cached_decode(family, tiny_models, exported):
     model = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
-    edge = EdgeModel(exported[family])
+    assert_decodes_as_pytorch(EdgeModel(exported[family]), model)
+
+
+def test_the_genai_graph_decodes_in_one_cache_buffer_as_pytorch_does(tiny_models, tmp_path):
+    """onnxruntime-genai's graph updates the cache in place (one buffer per layer, bound as input and output)."""
+    from slimlm.quantize.export import build_genai
+
+    build_genai(tiny_models["llama"], tmp_path / "genai", tmp_path)
+    edge = EdgeModel(tmp_path / "genai")
+    assert edge.share_buffer and edge.new_cache(1, 8).binding is not None
+    assert_decodes_as_pytorch(edge, AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval())
+    # a batch of two, through the shared buffers and through arrays copied each step: the same logits
+    copying = EdgeModel(tmp_path / "genai")
+    copying.share_buffer = False
+    shared_cache, copied_cache = edge.new_cache(2, 11), copying.new_cache(2, 11)
+    ids = np.array([[5, 17, 42, 99, 7, 300, 12, 8], [9, 8, 7, 6, 5, 4, 3, 2]])
+    for _ in range(4):
+        shared, copied = edge.step(ids, shared_cache), copying.step(ids, copied_cache)
+        np.testing.assert_array_equal(shared, copied)
+        ids = shared[:, -1:].argmax(-1)
+    with pytest.raises(ValueError, match="the cache holds 11 tokens; 11 \\+ 1 do not fit"):
+        edge.step(ids, shared_cache)
+
+
+def assert_decodes_as_pytorch(edge: EdgeModel, model) -> None:
+    """Prompt logits without a cache match PyTorch's; so do 16 greedy tokens decoded with the cache, and the logits
+    of prompt and tokens together."""
     prompt = [5, 17, 42, 99, 7, 300, 12, 8]
-    # Prompt logits, no cache.
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([prompt])).logits.numpy()
     np.testing.assert_allclose(edge.logits(np.array([prompt])), ref, atol=1e-4, rtol=0)
-    # 16 cached decode steps: greedy tokens identical, and each step's logits match a full recompute.
     with torch.no_grad():
         expected = model.generate(
             torch.tensor([prompt]),

@@ -41,7 +41,7 @@ def _run(path: Path, spec: SpeedEval, dtype: str, device: str, trust: bool) -> d
     if (path / "model.onnx").is_file():
         from slimlm.edge import EdgeModel
 
-        step_fn, vocab = _onnx_steps(EdgeModel(path, threads=spec.threads))
+        step_fn, vocab = _onnx_steps(EdgeModel(path, threads=spec.threads), spec.prompt_tokens + spec.new_tokens)
     else:
         from slimlm.sources.models import load_model
 
@@ -94,10 +94,11 @@ def _torch_steps(model):
     return step
 
 
-def _onnx_steps(edge):
-    def step(ids, past, length):
-        logits, past = edge.step(ids, past, length)
-        return logits[:, -1].argmax(-1)[:, None], past
+def _onnx_steps(edge, max_length: int):
+    def step(ids, cache, length):
+        cache = cache or edge.new_cache(ids.shape[0], max_length)
+        logits = edge.step(ids, cache)
+        return logits[:, -1].argmax(-1)[:, None], cache
 
     return step, int(edge.config["vocab_size"])
 
