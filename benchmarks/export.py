@@ -4,11 +4,13 @@
                                 [--keep-8bit lm_head k_proj ...] [--no-smollm2]
 
 For each model: PyTorch fp32 eager `generate`, and slimlm's edge runtime (`slimlm generate`'s
-code path) on ONNX fp32, int8 and int4 (MatMulNBits) exports made as the quickstart makes them, in both formats:
-`onnx` (the dynamo exporter's graph, Optimum's layout) and `onnx-genai` (onnxruntime-genai's fused graph, quantized
-the same way); plus onnxruntime-genai's own int4 build run by its own runtime. The genai rows need head_dim % 16 == 0. Batch 1, greedy, prefill included, medians
-of several runs, as ratios to PyTorch fp32 in the same run. Sizes are ratios to the fp32
-safetensors; agreement is top-1 agreement with the fp32 PyTorch model on held-out text.
+code path) on ONNX fp32, int8 and int4 (MatMulNBits) exports made as the quickstart makes them, in
+both formats: `onnx` (the dynamo exporter's graph, Optimum's layout) and `onnx-genai`
+(onnxruntime-genai's fused graph, quantized the same way); plus onnxruntime-genai's own int4 build
+run by its own runtime. The genai rows need head_dim % 16 == 0. Batch 1, greedy, prefill included,
+medians of several rounds; speed ratios are to PyTorch fp32 in the same round, then the median.
+Sizes are ratios to the fp32 safetensors; agreement is top-1 agreement with the fp32 PyTorch model
+on held-out text.
 """
 
 from __future__ import annotations
@@ -168,7 +170,6 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path,
             speeds[k].append(time_edge(edge, ids[0].tolist(), new_tokens))
         if genai_error is None:
             speeds["onnxruntime-genai int4"].append(time_genai(genai_dir, ids[0].tolist(), new_tokens))
-    base = statistics.median(speeds["pytorch fp32"])
     rows = []
     for k, values in speeds.items():
         path = model_dir if k == "pytorch fp32" else exports.get(k, genai_dir)
@@ -179,7 +180,8 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path,
             {
                 "variant": k,
                 "tokens_per_second": statistics.median(values),
-                "speed_ratio": statistics.median(values) / base,
+                # per round, then the median: the machine's speed drifts between rounds, and hits both alike
+                "speed_ratio": statistics.median(v / b for v, b in zip(values, speeds["pytorch fp32"], strict=True)),
                 "runs": [round(v, 2) for v in values],
                 "bytes": size,
                 "size_ratio": size / fp32_bytes,
