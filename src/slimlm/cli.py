@@ -194,11 +194,15 @@ def generate(
     model = EdgeModel(export_dir)
     stats = GenerationStats()
     sys.stdout.write(prompt)
-    for piece in model.stream(
-        prompt, max_new_tokens, stats=stats, sample=sample, temperature=temperature, top_p=top_p, seed=seed
-    ):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    try:
+        for piece in model.stream(
+            prompt, max_new_tokens, stats=stats, sample=sample, temperature=temperature, top_p=top_p, seed=seed
+        ):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except ValueError as e:  # a prompt longer than the model's context
+        sys.stdout.write("\n")
+        _fail(SlimlmError(f"{e}; shorten the prompt"))
     sys.stdout.write("\n")
     console.print(
         f"[dim]{stats.new_tokens} tokens; prefill {stats.prompt_tokens} tokens in {stats.prefill_seconds:.3f}s; "

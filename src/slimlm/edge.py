@@ -150,7 +150,15 @@ class EdgeModel:
         seed: int = 0,
         stats: GenerationStats | None = None,
     ) -> Iterator[int]:
-        """Yield new token ids one at a time: a prefill over the prompt, then one cached step per token."""
+        """Yield new token ids one at a time: a prefill over the prompt, then one cached step per token.
+
+        Generation stops at the model's context window (`max_position_embeddings`), as transformers and
+        onnxruntime-genai stop: there are no positions past it, and the cache is allocated up to it."""
+        context = self.config.get("max_position_embeddings")
+        if context:
+            if len(prompt_ids) >= context:
+                raise ValueError(f"the prompt has {len(prompt_ids)} tokens and the model's context holds {context}")
+            max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
         rng = np.random.default_rng(seed)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt_ids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -58,6 +59,10 @@ def test_the_genai_graph_decodes_in_one_cache_buffer_as_pytorch_does(tiny_models
         ids = shared[:, -1:].argmax(-1)
     with pytest.raises(ValueError, match="the cache holds 11 tokens; 11 \\+ 1 do not fit"):
         edge.step(ids, shared_cache)
+    # generation stops at the context window (512 positions) rather than allocating a cache past it
+    assert len(list(edge.generate_ids(list(range(500)), 10_000))) == 12
+    with pytest.raises(ValueError, match="the prompt has 512 tokens and the model's context holds 512"):
+        next(edge.generate_ids(list(range(512)), 1))
 
 
 def assert_decodes_as_pytorch(edge: EdgeModel, model) -> None:
@@ -291,6 +296,16 @@ def test_generate_command_streams_without_torch(exported):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("def f") and "tokens/s" in proc.stderr
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context_in_one_line(exported):
+    proc = subprocess.run(
+        [sys.executable, "-m", "slimlm", "generate", str(exported["llama"]), "word " * 600],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert re.search(r"the prompt has \d+ tokens and the model's context holds 512; shorten the prompt", proc.stderr)
 
 
 def test_onnxruntime_genai_format_builds_and_runs_on_the_edge_runtime(tiny_llama, tmp_path):
