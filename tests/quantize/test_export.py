@@ -165,9 +165,10 @@ def test_int4_keeps_the_named_linear_layers_at_8_bits(exported, tiny_models, tmp
     quantize_weights(exported["llama"], tmp_path, bits=4, keep_8bit=["lm_head", "model.layers.1.mlp.*"])
     graph = onnx.load(str(tmp_path / "model.onnx"))
     bits = {
-        layers[n.name.removesuffix("_Q8").removesuffix("_Q4")]: next(a.i for a in n.attribute if a.name == "bits")
+        layers[name.removesuffix("_Q8").removesuffix("_Q4")]: next(a.i for a in n.attribute if a.name == "bits")
         for n in graph.graph.node
         if n.op_type == "MatMulNBits"
+        for name in n.name.split("+")  # layers merged into one kernel (see the next test)
     }
     eight = {"lm_head", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"}
     assert bits == {name: 8 if name in eight else 4 for name in linears}
@@ -180,6 +181,27 @@ def test_int4_keeps_the_named_linear_layers_at_8_bits(exported, tiny_models, tmp
     ref = model(torch.tensor(ids)).logits.detach().numpy()
     mixed, all4 = (np.abs(EdgeModel(d).logits(ids) - ref).mean() for d in (tmp_path, tmp_path / "all4"))
     assert mixed < all4
+
+
+def test_layers_that_read_one_input_at_one_bit_width_run_as_one_kernel(exported, tiny_models, tmp_path):
+    from slimlm.quantize.ort_quantize import linear_layers, quantize_weights
+
+    layers = linear_layers(onnx.load(str(exported["llama"] / "model.onnx")))
+    for d, merge in (("merged", True), ("separate", False)):
+        quantize_weights(exported["llama"], tmp_path / d, bits=4, keep_8bit=["k_proj"], merge=merge)
+    graph = onnx.load(str(tmp_path / "merged" / "model.onnx")).graph
+    merged_layers = [
+        [layers[name.removesuffix("_Q8").removesuffix("_Q4")] for name in n.name.split("+")]
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    ]
+    kernels = {tuple(n.split(".")[-1] for n in names) for names in merged_layers if "layers.0." in names[0]}
+    # k is at 8 bits, so q and v merge without it; gate and up merge; o and down read inputs of their own
+    assert kernels == {("q_proj", "v_proj"), ("k_proj",), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)}
+    ids = np.array([[1, 5, 9, 2, 7, 11, 3, 4]])
+    merged, separate = (EdgeModel(tmp_path / d) for d in ("merged", "separate"))
+    np.testing.assert_array_equal(merged.logits(ids), separate.logits(ids))
+    assert list(merged.generate_ids([1, 5, 9], 8)) == list(separate.generate_ids([1, 5, 9], 8))
 
 
 def test_embeddings_at_8_bits_are_closer_to_fp32_than_at_4(exported, tiny_models, tmp_path):
