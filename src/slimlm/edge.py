@@ -43,7 +43,6 @@ class KVCache:
     """The keys and values one generation has cached: arrays that each step replaces with longer ones, or, with a
     `binding`, buffers of `max_length` that the graph updates in place."""
 
-    batch: int
     max_length: int
     past: list
     binding: ort.IOBinding | None = None
@@ -100,15 +99,14 @@ class EdgeModel:
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty cache for `batch` sequences of at most `max_length` tokens, prompt included."""
         if not self.share_buffer:
-            return KVCache(batch, max_length, self._empty_past(batch))
+            return KVCache(max_length, self._empty_past(batch))
         shape = (batch, self.kv_heads, max_length, self.head_dim)
         buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype)) for _ in self.past_names]
         binding = self.session.io_binding()
-        for past, buffer in zip(self.past_names, buffers, strict=True):
+        for past, present, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
             binding.bind_ortvalue_input(past, buffer)
-            # the same memory as output: attention writes the new keys and values in place
-            binding.bind_ortvalue_output(past.replace("past_key_values.", "present."), buffer)
-        return KVCache(batch, max_length, buffers, binding)
+            binding.bind_ortvalue_output(present, buffer)  # the same memory: attention writes new keys in place
+        return KVCache(max_length, buffers, binding)
 
     def step(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """One forward pass over new tokens `ids` [batch, n] after those in `cache`, which it extends: the logits."""

@@ -305,8 +305,8 @@ def _fuse_siblings(model) -> None:
     """Merge MatMulNBits nodes that read the same input with the same settings (gate and up; k and v; q, k and v
     when they share a bit width) into one, whose output a Split divides again.
 
-    The same arithmetic, row for row, in fewer and larger kernel calls: at batch 1 each call has a fixed cost,
-    and on SmolLM2's int4 export merging gate and up alone decodes about 6% faster with identical logits.
+    The same arithmetic, row for row, in fewer and larger kernel calls. At batch 1 each call has a fixed cost:
+    with identical logits, SmolLM2's int4 export decodes 1.12x as fast, the quickstart's student 1.04-1.05x.
     """
     from onnx import helper, numpy_helper
 
