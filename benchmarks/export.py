@@ -180,7 +180,7 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path,
             {
                 "variant": k,
                 "tokens_per_second": statistics.median(values),
-                # per round, then the median: the machine's speed drifts between rounds, and hits both alike
+                # per round, then the median: the machine's speed drifts between rounds more than within one
                 "speed_ratio": statistics.median(v / b for v, b in zip(values, speeds["pytorch fp32"], strict=True)),
                 "runs": [round(v, 2) for v in values],
                 "bytes": size,
