@@ -170,7 +170,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 @app.command()
 def generate(
     export_dir: Annotated[
-        Path, typer.Argument(help="an exported ONNX directory (e.g. runs/quickstart/03-export/onnx)")
+        Path, typer.Argument(help="an exported ONNX directory (e.g. runs/quickstart/03-export-int8/onnx)")
     ],
     prompt: Annotated[str, typer.Argument(help="the text to continue")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,

@@ -1,7 +1,7 @@
 """Generation from an exported ONNX directory with onnxruntime, tokenizers and numpy only (no torch, no transformers).
 
     from slimlm.edge import EdgeModel
-    model = EdgeModel("runs/quickstart/03-export/onnx")
+    model = EdgeModel("runs/quickstart/03-export-int8/onnx")
     for piece in model.stream("def fibonacci(n):", max_new_tokens=64):
         print(piece, end="", flush=True)
 
