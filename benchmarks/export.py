@@ -169,16 +169,16 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path,
     edges = {k: EdgeModel(v) for k, v in exports.items()}
     genai_dir = work / f"{name}-genai-int4"
 
-    speeds: dict[str, list[float]] = {"pytorch fp32": [], ONE_THREAD: [], **{k: [] for k in edges}}
-    if genai_error is None:
-        speeds["onnxruntime-genai int4"] = []
     genai_model = None if genai_error else og_model(genai_dir)
+    speeds: dict[str, list[float]] = {"pytorch fp32": [], ONE_THREAD: [], **{k: [] for k in edges}}
+    if genai_model is not None:
+        speeds["onnxruntime-genai int4"] = []
     # one short untimed generation each first: a model's first call allocates and fills caches
     with torch.inference_mode():
         time_torch(model, ids, 8)
     for edge in edges.values():
         time_edge(edge, ids[0].tolist(), 8)
-    if genai_model:
+    if genai_model is not None:
         time_genai(genai_model, ids[0].tolist(), 8)
     for _ in range(repeats):  # interleaved, so drift in machine load hits every variant alike
         with torch.inference_mode():
@@ -189,7 +189,7 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path,
             torch.set_num_threads(threads)
         for k, edge in edges.items():
             speeds[k].append(time_edge(edge, ids[0].tolist(), new_tokens))
-        if genai_error is None:
+        if genai_model is not None:
             speeds["onnxruntime-genai int4"].append(time_genai(genai_model, ids[0].tolist(), new_tokens))
     rows = []
     for k, values in speeds.items():
