@@ -46,7 +46,7 @@ def test_sigkill_mid_distillation_loses_at_most_one_checkpoint_interval(tiny_lla
     deadline = time.time() + 300
     # Kill as soon as a checkpoint exists (and so well before the 60 steps end), wherever the process is.
     while time.time() < deadline and proc.poll() is None and not distill_checkpoints(killed):
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert distill_checkpoints(killed), "no checkpoint was written before the kill"
