@@ -18,6 +18,7 @@ of the head's quantized blocks. On the quickstart's student that takes an int8 e
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -314,19 +315,18 @@ def _fuse_siblings(model) -> None:
     if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:
         return  # Split takes its sizes as an input from opset 13 on
     initializers = {t.name: t for t in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    groups: dict[tuple, list] = {}
+    uses = Counter(name for node in graph.node for name in node.input)
+    groups: dict[tuple, list] = {}  # (input, input count, settings but N) -> [(node, its attributes)]
     for node in graph.node:
         # weights used elsewhere (a tied head's, which the embedding lookup reads) stay where they are
         if node.op_type == "MatMulNBits" and all(uses[i] == 1 and i in initializers for i in node.input[1:]):
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "N"}
-            groups.setdefault((node.input[0], len(node.input), tuple(sorted(attrs.items()))), []).append(node)
-    for siblings in (g for g in groups.values() if len(g) > 1):
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            settings = tuple(sorted((k, v) for k, v in attrs.items() if k != "N"))
+            groups.setdefault((node.input[0], len(node.input), settings), []).append((node, attrs))
+    for group in (g for g in groups.values() if len(g) > 1):
+        siblings = [node for node, _ in group]
         first, name = siblings[0], "+".join(n.name for n in siblings)
-        widths = [next(helper.get_attribute_value(a) for a in n.attribute if a.name == "N") for n in siblings]
+        widths = [attrs["N"] for _, attrs in group]
         inputs = [first.input[0]]
         for i in range(1, len(first.input)):  # B [N, blocks, bytes], scales and zero points: all N-major
             merged = np.concatenate([numpy_helper.to_array(initializers[n.input[i]]) for n in siblings])
@@ -336,7 +336,7 @@ def _fuse_siblings(model) -> None:
             graph.initializer.append(numpy_helper.from_array(merged, inputs[-1]))
         sizes = numpy_helper.from_array(np.array(widths, np.int64), f"{name}_sizes")
         graph.initializer.append(sizes)
-        attrs = {a.name: helper.get_attribute_value(a) for a in first.attribute} | {"N": sum(widths)}
+        attrs = group[0][1] | {"N": sum(widths)}
         merged_out = f"{name}_out"
         at = list(graph.node).index(first)
         for n in siblings:
