@@ -200,9 +200,9 @@ def generate(
         ):
             sys.stdout.write(piece)
             sys.stdout.flush()
-    except ValueError as e:  # a prompt longer than the model's context
+    except SlimlmError as e:  # a prompt longer than the model's context
         sys.stdout.write("\n")
-        _fail(SlimlmError(f"{e}; shorten the prompt"))
+        _fail(e)
     sys.stdout.write("\n")
     console.print(
         f"[dim]{stats.new_tokens} tokens; prefill {stats.prompt_tokens} tokens in {stats.prefill_seconds:.3f}s; "

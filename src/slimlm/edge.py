@@ -20,6 +20,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from slimlm.errors import PromptTooLong
+
 
 @dataclass
 class GenerationStats:
@@ -155,7 +157,9 @@ class EdgeModel:
         context = self.config.get("max_position_embeddings")
         if context:
             if len(prompt_ids) >= context:
-                raise ValueError(f"the prompt has {len(prompt_ids)} tokens and the model's context holds {context}")
+                raise PromptTooLong(
+                    f"the prompt has {len(prompt_ids)} tokens and the model's context holds {context}; shorten the prompt"
+                )
             max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
         rng = np.random.default_rng(seed)
         stats = stats if stats is not None else GenerationStats()

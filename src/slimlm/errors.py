@@ -45,3 +45,9 @@ class StageFailed(SlimlmError):
     """A stage could not finish (e.g. training diverged); earlier artifacts are kept."""
 
     exit_code = 4
+
+
+class PromptTooLong(SlimlmError, ValueError):
+    """A prompt does not fit in the model's context window (`max_position_embeddings`)."""
+
+    exit_code = 2

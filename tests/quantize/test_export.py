@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from transformers import AutoModelForCausalLM
 
 from slimlm.edge import EdgeModel
-from slimlm.errors import SourceError
+from slimlm.errors import PromptTooLong, SourceError
 from slimlm.quantize.onnx_export import export_onnx
 from slimlm.recipe import load_recipe
 from slimlm.runner import run_recipe
@@ -61,7 +61,7 @@ def test_the_genai_graph_decodes_in_one_cache_buffer_as_pytorch_does(tiny_models
         edge.step(ids, shared_cache)
     # generation stops at the context window (512 positions) rather than allocating a cache past it
     assert len(list(edge.generate_ids(list(range(500)), 10_000))) == 12
-    with pytest.raises(ValueError, match="the prompt has 512 tokens and the model's context holds 512"):
+    with pytest.raises(PromptTooLong, match="the prompt has 512 tokens and the model's context holds 512"):
         next(edge.generate_ids(list(range(512)), 1))
 
 
