@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from slimlm.errors import RecipeError
+from slimlm import safe_yaml
+from slimlm.errors import RecipeError, SourceError
 from slimlm.evaluate.spec import Evaluation, gate_metric_names, metric_is_known, task_problems
-from slimlm.stage import HF, ONNX, StageConfig, Strict
+from slimlm.sources.models import check_model_spec
+from slimlm.stage import HF, ONNX, PLAIN_NAME, StageConfig, Strict
 from slimlm.stages import STAGES
 
 STAGE_KINDS: tuple[type[StageConfig], ...] = tuple(config for config, _ in STAGES.values())
@@ -63,7 +65,7 @@ class DataSpec(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=PLAIN_NAME, description="the run's name; runs/<name> is its default run directory")
     model: str = Field(description="the teacher: a hub id, a local HF directory, a .gguf file, or pypi:PKG==VER/FILE")
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -73,6 +75,15 @@ class Recipe(Strict):
     data: dict[str, DataSpec] = {}
     evaluation: Evaluation = Evaluation()
     stages: list[AnyStage] = []
+
+    @field_validator("model")
+    @classmethod
+    def _model_spec(cls, model: str) -> str:
+        try:
+            check_model_spec(model)
+        except SourceError as e:
+            raise ValueError(str(e)) from None
+        return model
 
     def stage(self, name: str) -> StageConfig:
         return next(s for s in self.stages if s.name == name)
@@ -84,16 +95,22 @@ class Recipe(Strict):
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override, validate. Raises RecipeError with file:line, stage and field on any mistake."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a directory; give the path of a recipe's .yaml file")
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist")
-    text = path.read_text()
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = safe_yaml.compose(safe_yaml.read_text(path))
+        data = safe_yaml.construct(node)
+    except safe_yaml.YamlInputError as e:
+        where = f"{path}:{e.line}" if e.line else str(path)
+        raise RecipeError(f"{where}: {e}" if e.line else str(e)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from e
+        raise RecipeError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read the recipe {path}: {e.strerror}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with name, model, data, evaluation and stages")
     where = Locator(path, _line_index(node))
@@ -141,8 +158,8 @@ class Locator:
             origin = str(self.path)
         parts = [origin]
         if len(data_path) >= 2 and data_path[0] == "stages" and isinstance(data_path[1], int):
-            stage = _get(data, data_path[:2]) or {}
-            label = stage.get("name") or stage.get("kind") or "?"
+            stage = _get(data, data_path[:2])
+            label = (stage.get("name") or stage.get("kind") or "?") if isinstance(stage, dict) else "?"
             parts.append(f"stage '{label}' (stages[{data_path[1]}])")
             field_path = data_path[2:]
         else:
@@ -163,9 +180,16 @@ class Locator:
             )
         elif kind == "missing":
             msg = "required field is missing"
+        elif kind == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == PLAIN_NAME:
+            msg = (
+                f"{err['input']!r} is not a plain name: use letters, digits, '_', '.' and '-', starting with a "
+                "letter or digit (it becomes a folder or file name)"
+            )
         elif kind == "union_tag_invalid":
             kinds = ", ".join(_stage_kind(c) for c in STAGE_KINDS)
             msg = f"unknown stage kind {err['input'].get('kind')!r}; known kinds: {kinds}"
+        elif len(data_path) == 2 and data_path[0] == "stages" and not isinstance(err.get("input"), dict):
+            msg = f"a stage is a mapping such as {{name: prune, kind: prune, ...}} (got {err.get('input')!r})"
         elif kind == "union_tag_not_found":
             msg = "each stage needs a `kind` (" + ", ".join(_stage_kind(c) for c in STAGE_KINDS) + ")"
         else:
@@ -249,7 +273,9 @@ def apply_override(data: dict, item: str, where: Locator) -> None:
     if not sep or not key:
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. stages.distill.tokens=5000")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = safe_yaml.load(raw) if raw else ""
+    except safe_yaml.YamlInputError as e:
+        raise RecipeError(f"--set {key}: {e}") from None
     except yaml.YAMLError:
         value = raw
     parts: list[Any] = key.split(".")
@@ -258,15 +284,21 @@ def apply_override(data: dict, item: str, where: Locator) -> None:
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
-            names = [s.get("name") for s in node if isinstance(s, dict)]
-            if part.isdigit() and int(part) < len(node):
+            names = [s.get("name") if isinstance(s, dict) else None for s in node]
+            if part.isdigit():
+                if int(part) >= len(node):
+                    raise RecipeError(
+                        f"--set {key}: {'.'.join(map(str, path))} has {len(node)} item(s), so index {part} is out of "
+                        f"range; use 0 to {len(node) - 1}" + (" or a stage's name" if path == ["stages"] else "")
+                    )
                 part = int(part)
             elif part in names:
                 part = names.index(part)
+            elif path == ["stages"]:
+                shown = ", ".join(str(n) for n in names if n is not None) or "none"
+                raise RecipeError(f"--set {key}: no stage named {part!r} (stages: {shown})")
             else:
-                raise RecipeError(
-                    f"--set {key}: no stage named {part!r} (stages: {', '.join(map(str, names)) or 'none'})"
-                )
+                raise RecipeError(f"--set {key}: {'.'.join(map(str, path))} is a list; address its items by index")
         elif not isinstance(node, dict):
             raise RecipeError(f"--set {key}: {'.'.join(map(str, path))} is not a mapping")
         path.append(part)

