@@ -23,7 +23,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from slimlm.stage import Strict
+from slimlm.evaluate.templates import template_fields, template_problem
+from slimlm.stage import PLAIN_NAME, Strict
 
 # Metrics lm-eval reports for the task types slimlm writes itself; `chance` is slimlm's (1/choices averaged).
 MULTIPLE_CHOICE_METRICS = ("acc", "acc_norm", "chance")
@@ -60,7 +61,7 @@ class SpeedEval(Strict):
 class TaskSpec(Strict):
     """One lm-eval task: a built-in one by name, a local jsonl file, or one built from a recipe data source."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=PLAIN_NAME)
     file: str | None = Field(None, description="a local jsonl file, one example per line")
     data: str | None = Field(None, description="a recipe data source; its documents become the task")
     type: Literal["multiple_choice", "perplexity"] = "multiple_choice"
@@ -156,7 +157,21 @@ def task_problems(spec: LmEvalSpec) -> dict[tuple, str]:
     """Plan-time checks of the tasks: local files exist and have the fields the templates use; built-in names exist."""
     problems: dict[tuple, str] = {}
     for i, task in enumerate(spec.tasks):
-        if task.file is not None:
+        refused = next(
+            (
+                (field, template, problem)
+                for field, template in _templates(task)
+                if (problem := template_problem(template))
+            ),
+            None,
+        )
+        if refused:  # a template that could run code or exhaust memory is refused before anything reads the file
+            field, template, problem = refused
+            problems[("evaluation", "lm_eval", "tasks", i, field)] = (
+                f"template {template!r} {problem}; a template may use the record's fields ({{{{goal}}}}, "
+                "{{choices[0]}}), literals, if/for and plain filters"
+            )
+        elif task.file is not None:
             problem = _local_file_problem(task, resolve_path(task.file))
             if problem:
                 problems[("evaluation", "lm_eval", "tasks", i, "file")] = problem
@@ -174,6 +189,12 @@ def task_problems(spec: LmEvalSpec) -> dict[tuple, str]:
                     + " For your own data, give the task a `file:` (jsonl) or `data:` (a recipe data source)"
                 )
     return problems
+
+
+def _templates(task: TaskSpec) -> list[tuple[str, str]]:
+    return [
+        (field, getattr(task, field)) for field in ("text", "choices", "target") if getattr(task, field) is not None
+    ]
 
 
 def resolve_path(file: str) -> Path:
@@ -201,14 +222,6 @@ def gate_metric_names(evaluation: Evaluation) -> set[str]:
             extra = ["chance"] if cfg.get("output_type") == "multiple_choice" else []
             names |= {f"tasks.{task.name}.{m}" for m in metrics + extra}
     return names
-
-
-def template_fields(template: str) -> set[str]:
-    """The top-level variables a Jinja template reads (`{{goal}}`, `{{choices[0]}}` -> goal, choices)."""
-    import jinja2
-    from jinja2 import meta
-
-    return meta.find_undeclared_variables(jinja2.Environment().parse(template))
 
 
 def _local_file_problem(task: TaskSpec, path: Path) -> str | None:

@@ -19,6 +19,7 @@ import yaml
 
 from slimlm.errors import StageFailed
 from slimlm.evaluate.spec import PERPLEXITY_METRICS, LmEvalSpec, TaskSpec, resolve_path
+from slimlm.evaluate.templates import sandboxed_lm_eval
 from slimlm.progress import LibraryBar
 
 
@@ -117,7 +118,7 @@ def run_tasks(model, tokenizer, spec: LmEvalSpec, tasks_dir: Path) -> dict[str, 
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
-    with _lm_eval_progress():
+    with _lm_eval_progress(), sandboxed_lm_eval():
         return _evaluate(lm, spec, tasks_dir)
 
 
