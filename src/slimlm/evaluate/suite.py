@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from slimlm.arch import needs_bos_per_window
 from slimlm.artifacts import config_digest, file_digest
+from slimlm.errors import RecipeError
 from slimlm.evaluate.perplexity import perplexity, torch_logits
 from slimlm.evaluate.size import parameter_counts, size_on_disk
 from slimlm.evaluate.spec import resolve_path
@@ -107,9 +108,16 @@ class Evaluator:
 
             status(f"lm-eval: {', '.join(t.name for t in ev.lm_eval.tasks)}")
             metrics["tasks"] = run_tasks(model, tokenizer, ev.lm_eval, self.tasks_dir)
+        context = getattr(model.config, "max_position_embeddings", None)
         del model
         gc.collect()  # the speed measurement starts a process of its own; give it the memory back first
         if ev.speed is not None:
+            length = ev.speed.prompt_tokens + ev.speed.new_tokens
+            if isinstance(context, int) and length > context:  # a longer prompt would only fill memory
+                raise RecipeError(
+                    f"evaluation.speed: prompt_tokens + new_tokens is {length}, more than the model's context of "
+                    f"{context} tokens; lower them"
+                )
             from slimlm.evaluate.speed import measure_speed
 
             status("measuring prefill and decode speed")

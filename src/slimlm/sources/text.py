@@ -35,10 +35,7 @@ def load_documents(spec: DataSpec) -> list[str]:
     if source.startswith("builtin:"):
         raise SourceError(f"unknown builtin data source {source!r}; available: {BUILTIN_PYTHON_DOCS}")
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise SourceError(
-            f"data file {source} does not exist (relative paths are resolved against the current directory)"
-        )
+    check_data_file(path, source)
     if path.suffix == ".txt" or path.suffix == ".raw":
         return split_text(path.read_text(encoding="utf-8", errors="replace"), spec, source)
     if path.suffix == ".jsonl":
@@ -51,6 +48,20 @@ def load_documents(spec: DataSpec) -> list[str]:
     if not docs:
         raise SourceError(f"data file {source} holds no text")
     return split_documents(docs, spec.split, spec.test_fraction)
+
+
+def check_data_file(path: Path, source: str) -> None:
+    """A data source must be a regular file: a folder, a FIFO or a device (/dev/zero never ends) is refused."""
+    if path.is_dir():
+        raise SourceError(f"data source {source} is a directory; give a .txt, .jsonl or .parquet file inside it")
+    if not path.exists():
+        raise SourceError(
+            f"data file {source} does not exist (relative paths are resolved against the current directory)"
+        )
+    if not path.is_file():
+        raise SourceError(
+            f"data source {source} is not a regular file (a pipe, socket or device); copy the text into a file"
+        )
 
 
 def split_text(text: str, spec: DataSpec, source: str) -> list[str]:
@@ -115,8 +126,12 @@ def python_docs() -> list[str]:
 
 def _jsonl_field(path: Path, name: str) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SourceError(f"{path}:{lineno}: not UTF-8 text; save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -126,17 +141,30 @@ def _jsonl_field(path: Path, name: str) -> list[str]:
             if not isinstance(record, dict) or name not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise SourceError(f"{path}:{lineno}: no field {name!r} (found {keys}); set `field:` in the data spec")
-            docs.append(str(record[name]))
+            docs.append(_text_value(record[name], f"{path}:{lineno}: field {name!r}"))
     return docs
 
 
 def _parquet_field(path: Path, name: str) -> list[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{path} is not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
     if name not in table.column_names:
         raise SourceError(f"{path}: no column {name!r} (found {table.column_names}); set `field:` in the data spec")
-    return [str(v) for v in table.column(name).to_pylist() if v]
+    values = table.column(name).to_pylist()
+    return [_text_value(v, f"{path}: row {row} of column {name!r}") for row, v in enumerate(values, 1)]
+
+
+def _text_value(value, where: str) -> str:
+    """A record's text must be a string: null, a number or an object would otherwise be scored as "None" or "3"."""
+    if not isinstance(value, str):
+        shown = "null" if value is None else type(value).__name__
+        raise SourceError(f"{where} is {shown}, not text; every record's text field must be a string")
+    return value
 
 
 def hf_dataset(name: str, split: str, text_field: str) -> list[str]:
@@ -151,7 +179,10 @@ def hf_dataset(name: str, split: str, text_field: str) -> list[str]:
         raise SourceError(f"cannot load dataset {name!r} split {split!r}: {type(e).__name__}: {str(e)[:200]}") from e
     if text_field not in ds.column_names:
         raise SourceError(f"dataset {name}: no column {text_field!r} (found {ds.column_names}); set `field:`")
-    return [t for t in ds[text_field] if t and t.strip()]
+    texts = [
+        _text_value(v, f"dataset {name}: row {row} of column {text_field!r}") for row, v in enumerate(ds[text_field], 1)
+    ]
+    return [t for t in texts if t.strip()]
 
 
 def token_stream(docs: list[str], tokenizer, max_tokens: int | None = None) -> list[int]:
