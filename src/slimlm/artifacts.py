@@ -17,12 +17,14 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
 PARTIAL_PREFIX = ".partial-"
 WORK_DIR = ".work"
+REPLACED_DIR = ".replaced"  # outdated stage folders that held files slimlm did not write
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -74,11 +76,52 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
-def read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> Any:
+    """A JSON file's value, or None where it is missing or unreadable (not UTF-8, not JSON, a folder)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
+
+
+# Metrics that the status table, the report and gates read as numbers (stages add free-form ones: shapes, lists).
+NUMERIC_METRICS = ("params", "nonembedding_params", "size_bytes", "perplexity")
+NUMERIC_SECTIONS = ("agreement", "speed")
+TEXT_METRICS = ("settings",)  # speed.settings says how speed was measured
+
+
+def damaged_metrics(metrics: Any) -> str | None:
+    """Why a manifest's metrics cannot be read back (a headline value that is not a number), or None."""
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not isinstance(metrics, dict):
+        return f"its metrics are {type(metrics).__name__}, not a mapping"
+    for key in NUMERIC_METRICS:
+        if key in metrics and not number(metrics[key]):
+            return f"metric {key} is {metrics[key]!r}, not a number"
+    for section in NUMERIC_SECTIONS:
+        values = metrics.get(section, {})
+        if not isinstance(values, dict) or not all(number(v) or k in TEXT_METRICS for k, v in values.items()):
+            return f"metric section {section} is not a mapping of numbers"
+    tasks = metrics.get("tasks", {})
+    if not isinstance(tasks, dict) or not all(
+        isinstance(values, dict) and all(number(v) for v in values.values()) for values in tasks.values()
+    ):
+        return "metric section tasks is not a mapping of tasks to numbers"
+    return None
+
+
+def read_manifest(path: Path) -> dict | None:
+    """A stage's manifest, or None where it is missing or damaged (then the stage runs again)."""
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or damaged_metrics(manifest.get("metrics", {})):
+        return None
+    gates = manifest.get("gates", [])
+    if not isinstance(gates, list) or not all(isinstance(g, dict) and isinstance(g.get("passed"), bool) for g in gates):
+        return None
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -107,7 +150,69 @@ class RunLayout:
         return path
 
     def manifest(self, index: int, name: str) -> dict | None:
-        return read_json(self.stage_dir(index, name) / MANIFEST)
+        return read_manifest(self.stage_dir(index, name) / MANIFEST)
+
+    def stage_dirs(self) -> list[Path]:
+        """The committed stage folders (`01-name`, ...; not the teacher's `00-teacher`), in order."""
+        return sorted(p for p in self.root.glob("[0-9][0-9]-*") if p.is_dir() and not p.name.startswith("00-"))
+
+
+def run_state(root: Path) -> dict | None:
+    """The run.json of a slimlm run directory, or None where there is none or it is not one slimlm wrote."""
+    state = read_json(RunLayout(root).run_state)
+    valid = (
+        isinstance(state, dict)
+        and all(isinstance(state.get(key), str) for key in ("recipe", "status"))
+        and isinstance(state.get("stages"), dict)
+    )
+    return state if valid else None
+
+
+def check_run_dir(root: Path, recipe_name: str, model: str, *, force: bool = False) -> str | None:
+    """Refuse a run directory slimlm must not write into; returns what `force` will replace, if anything.
+
+    A run directory is slimlm's own: it is new, empty, or holds a run of the same recipe. A folder of
+    the user's (a recipe's own folder, the model's) or a different recipe's run is refused, so that
+    nothing of the user's or of the other run is overwritten.
+    """
+    from slimlm.errors import RunDirectoryError
+
+    root = Path(root)
+    model_dir = Path(model).expanduser()
+    if (model_dir / "config.json").is_file() and root.resolve().is_relative_to(model_dir.resolve()):
+        raise RunDirectoryError(
+            f"the run directory {root} is inside the model directory {model}, so the run's files would become "
+            "part of the model; choose a --run-dir outside it"
+        )
+    if root.exists() and not root.is_dir():
+        raise RunDirectoryError(f"the run directory {root} is a file; choose another with --run-dir")
+    if not root.is_dir():
+        return None
+    entries = sorted(p.name for p in root.iterdir() if p.name != ".lock")
+    if not entries:
+        return None
+    state = run_state(root)
+    if state is None:
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        reason = "run.json is damaged" if (root / "run.json").exists() else "it holds files slimlm did not write"
+        if not (force and (root / "run.json").exists()):
+            raise RunDirectoryError(
+                f"{root} is not a slimlm run directory ({reason}: {shown}); choose a new or empty --run-dir"
+                + (", or --force to run there anyway" if (root / "run.json").exists() else "")
+            )
+        return f"{root}: its damaged run.json is replaced; stage folders are re-run where the recipe changed them"
+    if state["recipe"] != recipe_name:
+        stages = ", ".join(p.name for p in RunLayout(root).stage_dirs()) or "none"
+        if not force:
+            raise RunDirectoryError(
+                f"{root} holds a run of recipe {state['recipe']!r} (stages {stages}), not of {recipe_name!r}; "
+                "choose another --run-dir, or add --force to replace that run"
+            )
+        return (
+            f"{root}: replacing the run of recipe {state['recipe']!r} (stages {stages}); folders of its stages that "
+            f"{recipe_name!r} does not have are left as they are"
+        )
+    return None
 
 
 def begin_partial(layout: RunLayout, index: int, name: str) -> Path:
@@ -119,20 +224,34 @@ def begin_partial(layout: RunLayout, index: int, name: str) -> Path:
     return partial
 
 
-def commit_partial(layout: RunLayout, index: int, name: str) -> Path:
-    """Move a completed stage folder into place, replacing an outdated one."""
+def commit_partial(layout: RunLayout, index: int, name: str) -> Path | None:
+    """Move a completed stage folder into place, replacing an outdated one.
+
+    The outdated folder is deleted only when its files are exactly those its manifest records, i.e. what
+    slimlm wrote; one holding anything else (a file the user added or edited) is kept under `.replaced/`,
+    whose path is returned.
+    """
     partial, final = layout.partial_dir(index, name), layout.stage_dir(index, name)
+    kept = None
     if final.exists():
         # Rename the old folder aside first so that a crash here leaves either the old or the new.
-        stale = final.with_name(f"{PARTIAL_PREFIX}stale-{final.name}")
-        if stale.exists():
-            shutil.rmtree(stale)
-        os.replace(final, stale)
+        old = read_json(final / MANIFEST)
+        ours = isinstance(old, dict) and old.get("output_digest") == dir_digest(final)
+        if ours:
+            aside = final.with_name(f"{PARTIAL_PREFIX}stale-{final.name}")
+            if aside.exists():
+                shutil.rmtree(aside)
+        else:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+            aside = kept = layout.root / REPLACED_DIR / f"{final.name}-{stamp}"
+            aside.parent.mkdir(exist_ok=True)
+        os.replace(final, aside)
         os.replace(partial, final)
-        shutil.rmtree(stale)
+        if ours:
+            shutil.rmtree(aside)
     else:
         os.replace(partial, final)
-    return final
+    return kept
 
 
 @contextlib.contextmanager

@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
-from slimlm.artifacts import RunLayout, read_json
-from slimlm.errors import SlimlmError
+from slimlm import safe_yaml
+from slimlm.artifacts import RunLayout, damaged_metrics, read_json, read_manifest, run_state
+from slimlm.errors import RunDirectoryError
 
 
 @dataclass
@@ -40,25 +41,62 @@ class StageRow:
 def read_run(run_dir: Path) -> tuple[dict[str, Any], list[StageRow]]:
     """The run's state and one row per stage (teacher first) in recipe order, with what is known of each."""
     layout = RunLayout(Path(run_dir))
-    state = read_json(layout.run_state)
-    if state is None:
-        raise SlimlmError(f"{run_dir} is not a slimlm run directory (no run.json)")
-    try:
-        stages = yaml.safe_load(layout.recipe.read_text()).get("stages") or []
-        order = [("teacher", "teacher")] + [(s["name"], s["kind"]) for s in stages]
-    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):
-        order = [(name, "") for name in state.get("stages", {})]
+    _check_is_run(layout)
+    state = run_state(layout.root)
+    order = _recipe_order(layout)
+    if order is None:  # recipe.yaml is damaged: the stage folders on disk still say what ran, in order
+        order = [(0, "teacher", "teacher")] + [
+            (int(d.name[:2]), d.name[3:], (read_manifest(d / "manifest.json") or {}).get("kind", ""))
+            for d in layout.stage_dirs()
+        ]
+        state = {**state, "warning": f"{layout.recipe.name} is damaged; stages are listed from their folders"}
     rows = []
-    for i, (name, kind) in enumerate(order):
+    for i, name, kind in order:
         manifest = layout.manifest(i, name) or {}
-        last = state.get("stages", {}).get(name)
+        if (layout.stage_dir(i, name) / "manifest.json").exists() and not manifest:
+            raise RunDirectoryError(
+                f"{layout.stage_dir(i, name) / 'manifest.json'} is damaged ({_manifest_problem(layout, i, name)}); "
+                "run the recipe again to rebuild that stage"
+            )
+        last = state["stages"].get(name)
         shown = last or ("finished earlier" if manifest else "pending")
         if manifest.get("status") == "gate_failed" or last == "gate_failed":
             shown = "gate failed"
         elif last == "running":
-            shown = "failed" if state["status"] == "failed" else "running"
+            shown = state["status"] if state["status"] in ("failed", "interrupted") else "running"
         rows.append(StageRow(i, name, kind or manifest.get("kind", ""), shown, manifest))
     return state, rows
+
+
+def _check_is_run(layout: RunLayout) -> None:
+    root = layout.root
+    if not root.exists():
+        raise RunDirectoryError(f"{root} does not exist; give a run directory (runs/<recipe name> by default)")
+    if not root.is_dir():
+        raise RunDirectoryError(f"{root} is a file, not a run directory (runs/<recipe name> by default)")
+    if not layout.run_state.exists():
+        raise RunDirectoryError(f"{root} is not a slimlm run directory (it has no run.json)")
+    if run_state(root) is None:
+        raise RunDirectoryError(
+            f"{layout.run_state} is damaged (not the JSON record slimlm writes); "
+            "run the recipe again into this directory to rewrite it"
+        )
+
+
+def _recipe_order(layout: RunLayout) -> list[tuple[int, str, str]] | None:
+    """(index, name, kind) of the teacher and every stage of the run's recipe.yaml, or None where it cannot be read."""
+    try:
+        stages = safe_yaml.load(safe_yaml.read_text(layout.recipe)).get("stages")
+        return [(0, "teacher", "teacher")] + [(i, str(s["name"]), str(s["kind"])) for i, s in enumerate(stages, 1)]
+    except (OSError, ValueError, yaml.YAMLError, AttributeError, KeyError, TypeError):
+        return None
+
+
+def _manifest_problem(layout: RunLayout, index: int, name: str) -> str:
+    manifest = read_json(layout.stage_dir(index, name) / "manifest.json")
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    return damaged_metrics(manifest.get("metrics", {})) or "its gate verdicts are not the records slimlm writes"
 
 
 def write_report(run_dir: Path) -> tuple[Path, Path]:

@@ -20,13 +20,14 @@ from slimlm.artifacts import (
     MANIFEST,
     RunLayout,
     begin_partial,
+    check_run_dir,
     commit_partial,
     config_digest,
     dir_digest,
     run_lock,
     write_json_atomic,
 )
-from slimlm.errors import GateFailed, RunDirectoryError, SlimlmError
+from slimlm.errors import GateFailed, RecipeError, RunDirectoryError, SlimlmError
 from slimlm.evaluate.gates import check_gate, failure_message
 from slimlm.evaluate.suite import Evaluator, evaluation_digest
 from slimlm.progress import console, status
@@ -58,13 +59,19 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise SlimlmError("the recipe asks for device: cuda, but no CUDA GPU is visible; use device: auto or cpu")
+        raise RecipeError(
+            "the recipe asks for device: cuda, but no CUDA GPU is visible; use device: auto or cpu "
+            "(or --set device=cpu)"
+        )
     return requested
 
 
-def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) every stage. Returns the run state; raises SlimlmError on a failure."""
+def run_recipe(recipe: Recipe, run_dir: Path, *, force: bool = False) -> dict[str, Any]:
+    """Run (or resume) every stage. Returns the run state; raises SlimlmError on a failure.
+
+    `force` lets a run replace another recipe's run in `run_dir` (see `check_run_dir`)."""
     layout = RunLayout(Path(run_dir))
+    replacing = check_run_dir(layout.root, recipe.name, recipe.model, force=force)
     try:
         layout.root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -72,17 +79,21 @@ def run_recipe(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
             f"cannot create the run directory {layout.root}: {e.strerror}; choose another with --run-dir"
         ) from e
     with run_lock(layout.root):  # two runs writing one directory would corrupt each other's stages
-        layout.recipe.write_text(recipe_to_yaml(recipe))
+        if replacing:
+            status(f"[yellow]--force[/]: {replacing}")
+        # run.json first: it is what marks the folder as a slimlm run
         state: dict[str, Any] = {"recipe": recipe.name, "status": "running", "started": now(), "stages": {}}
         write_json_atomic(layout.run_state, state)
+        layout.recipe.write_text(recipe_to_yaml(recipe))
         try:
             _run_stages(recipe, layout, state)
         except BaseException as e:
-            state.update(
-                status="gate_failed" if isinstance(e, GateFailed) else "failed",
-                finished=now(),
-                error=str(e) if isinstance(e, SlimlmError) else f"{type(e).__name__}: {e}",
-            )
+            if isinstance(e, KeyboardInterrupt):
+                outcome, error = "interrupted", f"interrupted by {getattr(e, 'signal_name', 'SIGINT')}"
+            else:
+                outcome = "gate_failed" if isinstance(e, GateFailed) else "failed"
+                error = str(e) if isinstance(e, SlimlmError) else f"{type(e).__name__}: {e}"
+            state.update(status=outcome, finished=now(), error=error)
             write_json_atomic(layout.run_state, state)
             _write_report(layout.root)
             raise
@@ -255,7 +266,9 @@ def _stage_manifest(
         "seed": recipe.seed,
     }
     write_json_atomic(partial / MANIFEST, manifest)
-    commit_partial(layout, index, stage.name)
+    kept = commit_partial(layout, index, stage.name)
+    if kept:
+        status(f"[yellow]the outdated {final.name}/ held files slimlm did not write; it is kept as {kept}[/]")
     shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoints are no longer needed once the stage is committed
     return {**manifest, "_reused": False}
 
