@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import signal
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -69,6 +72,9 @@ def run(
         Optional[Path], typer.Option("--run-dir", help="where to write the run (default runs/<recipe name>)")
     ] = None,
     set_: SetOption = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace another recipe's run in the run directory (it says what)")
+    ] = False,
 ) -> None:
     """Run a recipe; finished stages that have not changed are skipped."""
     from slimlm.recipe import load_recipe
@@ -78,7 +84,8 @@ def run(
         _quiet_libraries()
         from slimlm.runner import run_recipe
 
-        run_recipe(parsed, run_dir or Path("runs") / parsed.name)
+        with _stop_on_signals():
+            run_recipe(parsed, run_dir or Path("runs") / parsed.name, force=force)
     except SlimlmError as e:
         _fail(e)
     except OSError as e:
@@ -90,11 +97,33 @@ def run(
                 "writable --run-dir) and run the same command again: finished stages are kept"
             )
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         from slimlm.progress import console
 
-        console.print("[yellow]interrupted[/]: finished stages are kept; run the same command to resume")
-        raise typer.Exit(130) from None
+        name = getattr(e, "signal_name", "SIGINT")
+        console.print(
+            f"[yellow]interrupted[/] ({name}): finished stages and checkpoints are kept; run the same command to resume"
+        )
+        raise typer.Exit(getattr(e, "exit_code", 130)) from None
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM (docker stop, Kubernetes, schedulers) stops a run as Ctrl-C does: run.json says `interrupted`,
+    the lock is released, checkpoints stay. Signals that arrive while the run records that are ignored."""
+    from slimlm.errors import Interrupted
+
+    def stop(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @app.command()
@@ -135,7 +164,7 @@ def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
         state, rows = read_run(run_dir)
     except SlimlmError as e:
         _fail(e)
-    table = Table(title=f"{state['recipe']}: {state['status']} (started {state['started']})")
+    table = Table(title=f"{state['recipe']}: {state['status']} (started {state.get('started', '?')})")
     for col in ("#", "stage", "status", "params", "size MB", "perplexity", "gates", "seconds"):
         table.add_column(col)
     for row in rows:
@@ -153,6 +182,8 @@ def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
     _stdout().print(table)
     if state.get("error"):
         _stdout().print(f"[red]last error:[/] {state['error']}", highlight=False)
+    if state.get("warning"):
+        _stdout().print(f"[yellow]note:[/] {state['warning']}", highlight=False)
 
 
 @app.command()
@@ -180,18 +211,17 @@ def generate(
     seed: int = 0,
 ) -> None:
     """Generate from an exported model with onnxruntime only (no torch): streams tokens, reports tokens/s."""
+    from slimlm.errors import SourceError
     from slimlm.progress import console
 
-    if not (export_dir / "model.onnx").is_file() or not (export_dir / "tokenizer.json").is_file():
-        _fail(
-            SlimlmError(
-                f"{export_dir} is not an exported model (it needs model.onnx and tokenizer.json); "
-                "point at the onnx/ folder of an export stage"
-            )
-        )
+    if not export_dir.is_dir():
+        _fail(SourceError(f"{export_dir} is not a folder; point at the onnx/ folder of an export stage"))
     from slimlm.edge import EdgeModel, GenerationStats
 
-    model = EdgeModel(export_dir)
+    try:
+        model = EdgeModel(export_dir)
+    except SlimlmError as e:  # not an export, or a damaged one
+        _fail(e)
     stats = GenerationStats()
     sys.stdout.write(prompt)
     try:
@@ -200,7 +230,7 @@ def generate(
         ):
             sys.stdout.write(piece)
             sys.stdout.flush()
-    except SlimlmError as e:  # a prompt longer than the model's context
+    except SlimlmError as e:  # an empty prompt, or one longer than the model's context
         sys.stdout.write("\n")
         _fail(e)
     sys.stdout.write("\n")

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from slimlm.errors import PromptTooLong
+from slimlm.errors import EmptyPrompt, PromptTooLong, SourceError
 
 
 @dataclass
@@ -59,37 +59,70 @@ class EdgeModel:
         options = options or ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        self.config = config = json.loads((path / "config.json").read_text())
-        generation = (
-            json.loads((path / "generation_config.json").read_text())
-            if (path / "generation_config.json").is_file()
-            else {}
-        )
+        for name in ("model.onnx", "tokenizer.json", "config.json"):
+            if not (path / name).is_file():
+                raise SourceError(
+                    f"{path} is not an exported model: it has no {name} (an export has model.onnx, its external "
+                    "data, config.json and tokenizer.json); point at the onnx/ folder of an export stage"
+                )
+        self.config = config = _json_object(path / "config.json")
+        generation = _json_object(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
+        try:
+            self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for bad protobufs and missing data
+            raise SourceError(
+                f"onnxruntime cannot load {path / 'model.onnx'} ({_first_line(e)}); is the export complete, with "
+                "model.onnx and its external data file side by side? Export it again if not"
+            ) from None
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a damaged file
+            raise SourceError(
+                f"{path / 'tokenizer.json'} cannot be read ({_first_line(e)}); export the model again"
+            ) from None
         eos = generation.get("eos_token_id", config.get("eos_token_id"))
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        if "input_ids" not in self.inputs or not self.past_names:
+            raise SourceError(
+                f"{path / 'model.onnx'} has inputs {', '.join(self.inputs)}; a slimlm export takes input_ids, "
+                "attention_mask and past_key_values.N.key/value (a causal LM with a KV cache)"
+            )
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         shape = self.inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
-        self.kv_heads = int(shape[1])
-        # onnxruntime-genai builds leave head_dim symbolic; the config has it.
-        self.head_dim = (
-            shape[3]
-            if isinstance(shape[3], int)
-            else int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-        )
+        try:
+            self.kv_heads = int(shape[1])
+            # onnxruntime-genai builds leave head_dim symbolic; the config has it.
+            self.head_dim = (
+                shape[3]
+                if isinstance(shape[3], int)
+                else int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+            )
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            raise SourceError(
+                f"{path / 'config.json'} does not give the graph's cache shape {shape} (head_dim, or hidden_size "
+                "and num_attention_heads); was it edited? Export the model again"
+            ) from None
         self.dtype = np.float16 if "float16" in self.inputs[self.past_names[0]].type else np.float32
-        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        if logits is None or not (isinstance(logits.shape[2], int) or isinstance(config.get("vocab_size"), int)):
+            raise SourceError(
+                f"{path}: the graph has no logits output of known width (nor config.json a vocab_size); "
+                "export the model again"
+            )
         self.logits_dtype = np.float16 if "float16" in logits.type else np.float32
         self.vocab_size = logits.shape[2] if isinstance(logits.shape[2], int) else int(config["vocab_size"])
+        if self.vocab_size != config.get("vocab_size", self.vocab_size):
+            raise SourceError(
+                f"{path}: config.json says vocab_size {config['vocab_size']}, but the graph's logits have "
+                f"{self.vocab_size}; config.json does not belong to this graph (was it edited?)"
+            )
         genai = path / "genai_config.json"
         # onnxruntime-genai's builder marks graphs whose attention (GroupQueryAttention) can read and write one
         # cache buffer in place; its own runtime then skips copying the cache into a new present every step.
-        self.share_buffer = genai.is_file() and bool(
-            json.loads(genai.read_text()).get("search", {}).get("past_present_share_buffer", False)
-        )
+        search = _json_object(genai).get("search", {}) if genai.exists() else {}
+        self.share_buffer = isinstance(search, dict) and bool(search.get("past_present_share_buffer", False))
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits for a [batch, seq] block with no cache (for evaluation)."""
@@ -186,6 +219,8 @@ class EdgeModel:
     ) -> Iterator[str]:
         """Yield decoded text pieces as tokens arrive."""
         prompt_ids = self.tokenizer.encode(prompt).ids
+        if not prompt_ids:
+            raise EmptyPrompt("the prompt is empty (it encodes to no tokens); give some text to continue")
         generated: list[int] = []
         shown = ""
         for token in self.generate_ids(prompt_ids, max_new_tokens, stats=stats, **kwargs):
@@ -196,6 +231,22 @@ class EdgeModel:
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 yield text[len(shown) :]
                 shown = text
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object from an export's folder, or one clear error naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{path} cannot be read as JSON ({_first_line(e)}); export the model again") from None
+    if not isinstance(value, dict):
+        raise SourceError(f"{path} holds a JSON {type(value).__name__}, not an object; export the model again")
+    return value
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
 def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float) -> int:

@@ -1,8 +1,11 @@
 """Errors a user can cause, each with the exit code the CLI returns for it.
 
 Exit codes: 0 success, 1 a bug (a traceback), 2 bad input (recipe, files, models, data),
-3 a quality gate failed, 4 a stage failed while running (e.g. a non-finite loss), 130 interrupted.
+3 a quality gate failed, 4 a stage failed while running (e.g. a non-finite loss), 130 interrupted
+by SIGINT (Ctrl-C), 143 stopped by SIGTERM (`docker stop`, Kubernetes, batch schedulers).
 """
+
+import signal
 
 
 class SlimlmError(Exception):
@@ -51,3 +54,19 @@ class PromptTooLong(SlimlmError, ValueError):
     """A prompt does not fit in the model's context window (`max_position_embeddings`)."""
 
     exit_code = 2
+
+
+class EmptyPrompt(SlimlmError, ValueError):
+    """A prompt that encodes to no tokens: there is nothing to continue."""
+
+    exit_code = 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the run stops where it is, keeps what it finished and its checkpoints, and the
+    same command resumes it. A KeyboardInterrupt, so code that cleans up after Ctrl-C cleans up after both."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum

@@ -72,7 +72,17 @@ def run_launched(config: DistillConfig, context: StageContext) -> StageResult:
     # torchrun would pin every process to one thread (and say so); share the cores instead.
     threads = max(1, (os.cpu_count() or 1) // config.launch.processes)
     env = {"OMP_NUM_THREADS": str(threads), **os.environ, "PYTHONUNBUFFERED": "1"}
-    code = subprocess.run(command, env=env).returncode
+    proc = subprocess.Popen(command, env=env)
+    try:
+        code = proc.wait()
+    except BaseException:  # SIGTERM or Ctrl-C: stop the workers too (torchrun and accelerate pass SIGTERM on)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
     error = context.work_dir / ERROR
     if error.is_file():
         saved = json.loads(error.read_text())
