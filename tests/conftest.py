@@ -101,3 +101,55 @@ def tiny_models(tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_models, tmp_path_factory) -> Path:
+    """The tiny Llama exported once at fp32 (model.onnx, external data, config, tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.quantize.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    export_onnx(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval(), tiny_models["llama"], out)
+    return out
+
+
+# ---------------------------------------------------------------- the CLI as a user meets it
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """Invoke `slimlm ARGS` in this process; (exit code, everything it printed). Fails on a traceback."""
+    from typer.testing import CliRunner
+
+    from slimlm.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    output = result.output  # stdout and stderr as a terminal shows them
+    assert "Traceback" not in output, output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result.exit_code, output
+
+
+def file_snapshot(root: Path) -> dict[str, bytes]:
+    """Every regular file under `root` and its content, to show afterwards that nothing was lost or changed."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def assert_kept(before: dict[str, bytes], root: Path) -> None:
+    after = file_snapshot(root)
+    lost = [name for name in before if name not in after]
+    changed = [name for name in before if name in after and after[name] != before[name]]
+    assert not lost and not changed, f"lost {lost}, changed {changed}"
+
+
+def assert_one_clear_error(args: list, root: Path, message: str, code: int = 2) -> str:
+    """`slimlm ARGS` ends with exit `code` and one error line containing `message`, and every file under
+    `root` that was there before is still there, unchanged. Returns the output."""
+    before = file_snapshot(root)
+    exit_code, output = run_cli(*args)
+    assert exit_code == code, output
+    assert message in output.replace("\n", ""), output  # rich wraps long lines
+    assert output.count("error:") == 1, output
+    assert_kept(before, root)
+    return output

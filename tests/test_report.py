@@ -97,4 +97,4 @@ def test_slimlm_report_rewrites_the_report_and_explains_a_wrong_directory(failed
     assert result.exit_code == 0, result.output
     assert (failed_run / "report.html").is_file()
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
-    assert result.exit_code == 1 and "not a slimlm run directory" in result.output
+    assert result.exit_code == 2 and "nowhere does not exist" in result.output
