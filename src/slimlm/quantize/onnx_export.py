@@ -84,7 +84,7 @@ def export_onnx(model, source_dir: Path, out_dir: Path) -> Path:
         ],
     )
     b, s, p, t = (
-        torch.export.Dim(n) for n in ("batch", "sequence_length", "past_sequence_length", "total_sequence_length")
+        torch.export.Dim(n) for n in ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
     )
     dynamic = {
         "input_ids": {0: b, 1: s},
