@@ -104,6 +104,12 @@ class EdgeModel:
                 f"{path / 'config.json'} does not give the graph's cache shape {shape} (head_dim, or hidden_size "
                 "and num_attention_heads); was it edited? Export the model again"
             ) from None
+        declared = config.get("num_key_value_heads") or config.get("num_attention_heads")
+        if isinstance(declared, int) and declared != self.kv_heads:
+            raise SourceError(
+                f"{path}: config.json says {declared} key/value heads, but the graph's cache has {self.kv_heads}; "
+                "config.json does not belong to this graph (was it edited?)"
+            )
         self.dtype = np.float16 if "float16" in self.inputs[self.past_names[0]].type else np.float32
         logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
         if logits is None or not (isinstance(logits.shape[2], int) or isinstance(config.get("vocab_size"), int)):
@@ -127,6 +133,8 @@ class EdgeModel:
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits for a [batch, seq] block with no cache (for evaluation)."""
         batch, seq = input_ids.shape
+        if self.share_buffer:  # GroupQueryAttention reads and writes the buffer it is given, even when empty
+            return self.step(input_ids, self.new_cache(batch, seq))
         feeds = self._feeds(input_ids, np.ones((batch, seq), np.int64), np.tile(np.arange(seq), (batch, 1)))
         feeds.update(zip(self.past_names, self._empty_past(batch), strict=True))
         return self.session.run(["logits"], feeds)[0]
@@ -135,7 +143,10 @@ class EdgeModel:
         """An empty cache for `batch` sequences of at most `max_length` tokens, prompt included."""
         if not self.share_buffer:
             return KVCache(max_length, self._empty_past(batch))
-        shape = (batch, self.kv_heads, max_length, self.head_dim)
+        # a sliding-window attention kernel (Gemma 2 and 3) refuses a buffer shorter than its window
+        window = self.config.get("sliding_window")
+        capacity = max(max_length, window if isinstance(window, int) else 0)
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
         buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype)) for _ in self.past_names]
         binding = self.session.io_binding()
         for past, present, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
