@@ -241,6 +241,38 @@ def generate(
     )
 
 
+@app.command("export-check")
+def export_check(
+    export_dir: Annotated[Path, typer.Argument(help="an exported ONNX directory (an export stage's onnx/ folder)")],
+    prompt: Annotated[str, typer.Option(help="the text to continue")] = "Once upon a time",
+    steps: Annotated[int, typer.Option(min=1, help="greedy tokens to compare")] = 24,
+) -> None:
+    """Run an export in the clients installed here (transformers.js, Optimum, onnxruntime-genai) and compare their
+    greedy tokens and top-1 predictions with slimlm generate's. Exit 3 if a client decodes other tokens."""
+    from slimlm.errors import SourceError
+
+    if not export_dir.is_dir():
+        _fail(SourceError(f"{export_dir} is not a folder; point at the onnx/ folder of an export stage"))
+    from slimlm.edge import EdgeModel
+    from slimlm.quantize.clients import check_clients, describe_verdict
+
+    try:
+        prompt_ids = EdgeModel(export_dir).tokenizer.encode(prompt).ids
+    except SlimlmError as e:
+        _fail(e)
+    if not prompt_ids:
+        _fail(SourceError("the prompt is empty (it encodes to no tokens); give some text to continue"))
+    verdicts = check_clients(export_dir, prompt_ids, steps, prompt_ids)
+    table = Table(title=f"{export_dir}: clients against slimlm generate")
+    table.add_column("client")
+    table.add_column("verdict")
+    for client, verdict in verdicts.items():
+        table.add_row(client, describe_verdict(verdict))
+    _stdout().print(table)
+    if any(v.get("checked") and not v["same_greedy_tokens"] for v in verdicts.values()):
+        raise typer.Exit(3)
+
+
 def _describe(gate) -> str:
     from slimlm.evaluate.gates import describe_gate
 

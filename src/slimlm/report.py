@@ -199,6 +199,16 @@ def _verdict_lines(row: StageRow) -> list[tuple[str, str, str, str]]:
     return lines
 
 
+def _client_lines(row: StageRow) -> list[tuple[str, str]]:
+    """(client, verdict) for an export that was run in its clients; the export stage records them."""
+    from slimlm.quantize.clients import describe_verdict
+
+    clients = row.metrics.get("clients")
+    if not isinstance(clients, dict):
+        return []
+    return [(c, describe_verdict(v)) for c, v in clients.items() if isinstance(v, dict)]
+
+
 def _headline(state: dict[str, Any], rows: list[StageRow]) -> str:
     if state.get("status") == "done":
         return "The run finished; every gate passed."
@@ -227,6 +237,10 @@ def _markdown(state: dict[str, Any], rows: list[StageRow], run_dir: Path, plots:
                 "|---|---|---|---|",
             ]
             out += [f"| {g} | {m} | {b} | {v} |" for g, m, b, v in lines]
+        clients = _client_lines(row)
+        if clients:
+            out += ["", f"## Clients of {row.name}", "", "| client | against slimlm generate |", "|---|---|"]
+            out += [f"| {c} | {v} |" for c, v in clients]
     return "\n".join(out) + "\n"
 
 
@@ -257,6 +271,12 @@ def _html(state: dict[str, Any], rows: list[StageRow], plots: dict[str, bytes]) 
             for g, m, b, v in lines:
                 parts.append(f"<tr class='{'failed' if v == 'FAIL' else ''}'><td>{e(g)}</td><td>{e(m)}</td>")
                 parts.append(f"<td>{e(b)}</td><td class='verdict'>{v}</td></tr>")
+            parts.append("</table>")
+        clients = _client_lines(row)
+        if clients:
+            parts.append(f"<h2>Clients of {e(row.name)}</h2><table class='clients'>")
+            parts.append("<tr><th>client</th><th>against slimlm generate</th></tr>")
+            parts += [f"<tr><td>{e(c)}</td><td>{e(v)}</td></tr>" for c, v in clients]
             parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)

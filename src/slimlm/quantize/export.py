@@ -24,6 +24,8 @@ from slimlm import arch
 from slimlm.errors import RecipeError, SourceError, StageFailed, UnsupportedModelError
 from slimlm.evaluate.agreement import teacher_agreement
 from slimlm.progress import status
+from slimlm.quantize.client_layout import prepare_for_clients
+from slimlm.quantize.clients import check_clients, describe_verdict
 from slimlm.quantize.gptq import gptq
 from slimlm.quantize.onnx_export import copy_side_files, export_onnx
 from slimlm.quantize.ort_quantize import matches, quantize_weights
@@ -75,6 +77,11 @@ class ExportConfig(StageConfig):
     smooth: SmoothOptions | None = None  # SmoothQuant scale migration before quantizing (quantize/smooth.py)
     gptq: GPTQOptions | None = None  # GPTQ instead of round-to-nearest for the layers at `quantize` bits (gptq.py)
     parity: ParityOptions | None = ParityOptions()
+    clients: bool = Field(
+        True,
+        description="also run the export in the clients installed here (transformers.js, Optimum, "
+        "onnxruntime-genai; see quantize/clients.py) and record whether they decode the same tokens",
+    )
 
     consumes = frozenset({HF})
     produces = ONNX
@@ -157,6 +164,7 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
         )
         shutil.rmtree(fp32_dir, ignore_errors=True)
     shutil.rmtree(context.work_dir / "smoothed", ignore_errors=True)
+    prepare_for_clients(out, model.config)
     return StageResult(artifact="onnx", metrics=_parity(config, context, model, out))
 
 
@@ -242,6 +250,11 @@ def _parity(config: ExportConfig, context: StageContext, model, out: Path) -> di
         f"parity: max |logit diff| {metrics['max_logit_diff']:.3g}, top-1 agreement {metrics['top1_agreement']:.4f}, "
         f"KL {metrics['kl']:.3g}, greedy {metrics['greedy_agreement']:.3f}"
     )
+    if config.clients:
+        status("running the export in its clients (transformers.js, Optimum, onnxruntime-genai)")
+        prompt = blocks[0, : min(16, blocks.shape[1])].tolist()
+        metrics["clients"] = check_clients(out, prompt, config.parity.greedy_steps, blocks[0].tolist())
+        status("clients: " + "; ".join(f"{c}: {describe_verdict(v)}" for c, v in metrics["clients"].items()))
     return metrics
 
 
