@@ -10,6 +10,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Export stages run every installed client (slimlm/quantize/clients.py). The fast suite points them at an empty
+# folder; tests/quantize/test_clients.py (pytest -m clients) points them back at the real ones.
+INSTALLED_CLIENTS = os.environ.get("SLIMLM_CLIENTS")
+os.environ["SLIMLM_CLIENTS"] = str(Path(__file__).parent / "no-clients-installed")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"

@@ -143,24 +143,33 @@ EXPORT_CASES = [
     ("generation-config-not-json", lambda e: (e / "generation_config.json").write_bytes(b"\xff\xfe"), "hi", "generation_config.json cannot be read"),
     ("tokenizer-truncated", _truncate("tokenizer.json"), "hi", "tokenizer.json cannot be read"),
     ("config-vocab-edited", _edit_json("config.json", lambda c: c.update(vocab_size=7)), "hi", "config.json does not belong to this graph"),
+    ("config-heads-edited", _edit_json("config.json", lambda c: c.update(num_key_value_heads=3)), "hi", "says 3 key/value heads, but the graph's cache has 2"),
     ("empty-prompt", lambda e: None, "", "the prompt is empty"),
 ]  # fmt: skip
 
 
+def _on_export(command: str, export: Path, prompt: str) -> list:
+    if command == "generate":
+        return ["generate", export, prompt, "--max-new-tokens", "2"]
+    return ["export-check", export, "--prompt", prompt, "--steps", "2"]
+
+
+@pytest.mark.parametrize("command", ["generate", "export-check"])
 @pytest.mark.parametrize("case", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
-def test_generate_on_a_damaged_export_is_one_clear_error(case, tiny_export, tmp_path):
+def test_a_damaged_export_is_one_clear_error(case, command, tiny_export, tmp_path):
     name, damage, prompt, message = case
     export = tmp_path / "onnx"
     shutil.copytree(tiny_export, export)
     damage(export)
-    assert_one_clear_error(["generate", export, prompt, "--max-new-tokens", "2"], tmp_path, message)
+    assert_one_clear_error(_on_export(command, export, prompt), tmp_path, message)
 
 
-def test_generate_on_the_intact_copy_works(tiny_export, tmp_path):
-    """The damaged-export cases fail because of their damage: the same copy, undamaged, generates."""
+@pytest.mark.parametrize("command", ["generate", "export-check"])
+def test_the_intact_copy_works(command, tiny_export, tmp_path):
+    """The damaged-export cases fail because of their damage: the same copy, undamaged, runs."""
     export = tmp_path / "onnx"
     shutil.copytree(tiny_export, export)
-    code, output = run_cli("generate", export, "hi", "--max-new-tokens", "2")
+    code, output = run_cli(*_on_export(command, export, "hi"))
     assert code == 0, output
 
 

@@ -26,7 +26,7 @@ from slimlm.quantize.export import build_genai, linear_weights
 from slimlm.quantize.onnx_export import export_onnx
 from slimlm.quantize.ort_quantize import quantize_weights
 from slimlm.sources.text import python_docs
-from tests.conftest import FAMILIES, STORIES, build_tiny, needs_shared
+from tests.conftest import FAMILIES, INSTALLED_CLIENTS, STORIES, build_tiny, needs_shared
 
 pytestmark = pytest.mark.clients
 STEPS = 24
@@ -70,8 +70,19 @@ def _exports(name, source, model, root):
     return made
 
 
+@pytest.fixture(scope="module", autouse=True)
+def installed_clients():
+    """The clients .ci/clients.sh installed (conftest hides them from the fast suite's export stages)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if INSTALLED_CLIENTS:
+            patch.setenv("SLIMLM_CLIENTS", INSTALLED_CLIENTS)
+        else:
+            patch.delenv("SLIMLM_CLIENTS")
+        yield
+
+
 @pytest.fixture(scope="module")
-def matrix(tiny_models, tokenizer_dir, tmp_path_factory):
+def matrix(installed_clients, tiny_models, tokenizer_dir, tmp_path_factory):
     """{(model, format, precision): {"dir", "prompt", "score", "torch_greedy", "torch_top1", "edge_greedy",
     "edge_top1", client: result}}, every client run once over all exports."""
     root = tmp_path_factory.mktemp("clients")
@@ -195,3 +206,24 @@ def test_the_exported_tokenizer_loads_in_transformers_4_with_the_same_tokens(mat
     assert version.startswith("4."), version
     ours = [AutoTokenizer.from_pretrained(export)(s)["input_ids"] for s in texts]
     assert theirs == ours, cls
+
+
+def test_the_export_stage_records_every_client_in_its_manifest_and_report(tiny_llama, tmp_path):
+    from slimlm.recipe import load_recipe
+    from slimlm.runner import run_recipe
+
+    missing = [c for c in ("transformers.js", "optimum") if unavailable(c)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed: run .ci/clients.sh")
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"name: r\nmodel: {tiny_llama}\ndevice: cpu\n"
+        "data: {eval: {source: 'builtin:python-docs', split: test, seq_len: 32}}\n"
+        "stages:\n  - {name: export, kind: export, format: onnx-genai, quantize: int8,\n"
+        "     parity: {data: eval, max_tokens: 64, seq_len: 32, greedy_steps: 8}}\n"
+    )
+    run_recipe(load_recipe(path), tmp_path / "run")
+    clients = json.loads((tmp_path / "run" / "01-export" / "manifest.json").read_text())["metrics"]["clients"]
+    assert {c: v["same_greedy_tokens"] for c, v in clients.items()} == dict.fromkeys(CLIENTS, True)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert all(f"| {c} | same tokens (8 steps), top-1 agreement" in report for c in CLIENTS)

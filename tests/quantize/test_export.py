@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from slimlm.edge import EdgeModel
 from slimlm.errors import PromptTooLong, SourceError
+from slimlm.quantize.clients import unavailable
 from slimlm.quantize.onnx_export import export_onnx
 from slimlm.recipe import load_recipe
 from slimlm.runner import run_recipe
@@ -342,6 +343,12 @@ def test_onnxruntime_genai_format_builds_and_runs_on_the_edge_runtime(tiny_llama
     assert (out / "genai_config.json").is_file()
     m = json.loads((tmp_path / "run" / "01-export" / "manifest.json").read_text())["metrics"]
     assert m["top1_agreement"] >= 0.3 and m["perplexity"] > 1
+    # its own runtime (in-process) was checked; the others are not installed for the fast suite (see conftest)
+    assert m["clients"]["onnxruntime-genai"]["same_greedy_tokens"] is True
+    assert m["clients"]["transformers.js"] == {"checked": False, "reason": unavailable("transformers.js")}
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| onnxruntime-genai | same tokens (8 steps), top-1 agreement" in report
+    assert "| transformers.js | not checked (" in report
 
 
 def test_onnxruntime_genai_refuses_head_dim_not_divisible_by_16(tokenizer_dir, tmp_path):
