@@ -103,8 +103,8 @@ def main() -> None:
             speeds[name].append(produced / (time.perf_counter() - t0))
     rows = []
     print("\n| variant | top-1 agreement | KL | ONNX MB | decode tok/s |\n|---|---|---|---|---|")
-    for name, folder in dirs.items():
-        m = parity(model, folder, blocks, 8)
+    for name, edge in edges.items():
+        m = parity(model, edge, blocks, 8)
         row = {"variant": name, "top1": m["top1_agreement"], "kl": m["kl"], "bytes": m["onnx_bytes"]}
         row["tokens_per_second"] = statistics.median(speeds[name])
         rows.append(row)

@@ -285,3 +285,8 @@ def test_ordinary_templates_are_accepted(template):
     from slimlm.evaluate.templates import template_problem
 
     assert template_problem(template) is None
+
+
+def test_a_recipe_path_that_is_a_device_is_one_clear_error(tmp_path):
+    """/dev/zero never ends: it must not be read at all."""
+    assert_one_clear_error(["plan", "/dev/zero"], tmp_path, "recipe /dev/zero is not a regular file (a pipe or device)")

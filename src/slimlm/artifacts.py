@@ -113,15 +113,22 @@ def damaged_metrics(metrics: Any) -> str | None:
     return None
 
 
+def manifest_problem(manifest: Any) -> str | None:
+    """Why a manifest's content cannot be read back as the record slimlm writes, or None."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if problem := damaged_metrics(manifest.get("metrics", {})):
+        return problem
+    gates = manifest.get("gates", [])
+    if not isinstance(gates, list) or not all(isinstance(g, dict) and isinstance(g.get("passed"), bool) for g in gates):
+        return "its gate verdicts are not the records slimlm writes"
+    return None
+
+
 def read_manifest(path: Path) -> dict | None:
     """A stage's manifest, or None where it is missing or damaged (then the stage runs again)."""
     manifest = read_json(path)
-    if not isinstance(manifest, dict) or damaged_metrics(manifest.get("metrics", {})):
-        return None
-    gates = manifest.get("gates", [])
-    if not isinstance(gates, list) or not all(isinstance(g, dict) and isinstance(g.get("passed"), bool) for g in gates):
-        return None
-    return manifest
+    return None if manifest_problem(manifest) else manifest
 
 
 @dataclass(frozen=True)
@@ -193,14 +200,15 @@ def check_run_dir(root: Path, recipe_name: str, model: str, *, force: bool = Fal
         return None
     state = run_state(root)
     if state is None:
+        damaged = (root / "run.json").exists()  # a run's record, but not one slimlm can read
+        if damaged and force:
+            return f"{root}: its damaged run.json is replaced; stage folders are re-run where the recipe changed them"
         shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
-        reason = "run.json is damaged" if (root / "run.json").exists() else "it holds files slimlm did not write"
-        if not (force and (root / "run.json").exists()):
-            raise RunDirectoryError(
-                f"{root} is not a slimlm run directory ({reason}: {shown}); choose a new or empty --run-dir"
-                + (", or --force to run there anyway" if (root / "run.json").exists() else "")
-            )
-        return f"{root}: its damaged run.json is replaced; stage folders are re-run where the recipe changed them"
+        reason = "run.json is damaged" if damaged else "it holds files slimlm did not write"
+        raise RunDirectoryError(
+            f"{root} is not a slimlm run directory ({reason}: {shown}); choose a new or empty --run-dir"
+            + (", or --force to run there anyway" if damaged else "")
+        )
     if state["recipe"] != recipe_name:
         stages = ", ".join(p.name for p in RunLayout(root).stage_dirs()) or "none"
         if not force:

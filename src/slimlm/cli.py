@@ -211,17 +211,10 @@ def generate(
     seed: int = 0,
 ) -> None:
     """Generate from an exported model with onnxruntime only (no torch): streams tokens, reports tokens/s."""
-    from slimlm.errors import SourceError
+    from slimlm.edge import GenerationStats
     from slimlm.progress import console
 
-    if not export_dir.is_dir():
-        _fail(SourceError(f"{export_dir} is not a folder; point at the onnx/ folder of an export stage"))
-    from slimlm.edge import EdgeModel, GenerationStats
-
-    try:
-        model = EdgeModel(export_dir)
-    except SlimlmError as e:  # not an export, or a damaged one
-        _fail(e)
+    model = _open_export(export_dir)
     stats = GenerationStats()
     sys.stdout.write(prompt)
     try:
@@ -249,20 +242,14 @@ def export_check(
 ) -> None:
     """Run an export in the clients installed here (transformers.js, Optimum, onnxruntime-genai) and compare their
     greedy tokens and top-1 predictions with slimlm generate's. Exit 3 if a client decodes other tokens."""
-    from slimlm.errors import SourceError
-
-    if not export_dir.is_dir():
-        _fail(SourceError(f"{export_dir} is not a folder; point at the onnx/ folder of an export stage"))
-    from slimlm.edge import EdgeModel
     from slimlm.quantize.clients import check_clients, describe_verdict
 
+    edge = _open_export(export_dir)
     try:
-        prompt_ids = EdgeModel(export_dir).tokenizer.encode(prompt).ids
+        prompt_ids = edge.encode(prompt)
     except SlimlmError as e:
         _fail(e)
-    if not prompt_ids:
-        _fail(SourceError("the prompt is empty (it encodes to no tokens); give some text to continue"))
-    verdicts = check_clients(export_dir, prompt_ids, steps, prompt_ids)
+    verdicts = check_clients(edge, prompt_ids, steps, prompt_ids)
     table = Table(title=f"{export_dir}: clients against slimlm generate")
     table.add_column("client")
     table.add_column("verdict")
@@ -271,6 +258,19 @@ def export_check(
     _stdout().print(table)
     if any(v.get("checked") and not v["same_greedy_tokens"] for v in verdicts.values()):
         raise typer.Exit(3)
+
+
+def _open_export(export_dir: Path):
+    """The export's EdgeModel, or one line that says why the folder is not a usable export."""
+    from slimlm.edge import EdgeModel
+    from slimlm.errors import SourceError
+
+    if not export_dir.is_dir():
+        _fail(SourceError(f"{export_dir} is not a folder; point at the onnx/ folder of an export stage"))
+    try:
+        return EdgeModel(export_dir)
+    except SlimlmError as e:  # not an export, or a damaged one
+        _fail(e)
 
 
 def _describe(gate) -> str:

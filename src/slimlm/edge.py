@@ -55,7 +55,7 @@ class EdgeModel:
     """A causal LM exported by slimlm (Optimum's I/O names), run with a KV cache."""
 
     def __init__(self, path: str | Path, threads: int | None = None, options: ort.SessionOptions | None = None):
-        path = Path(path)
+        self.path = path = Path(path)
         options = options or ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -129,6 +129,13 @@ class EdgeModel:
         # cache buffer in place; its own runtime then skips copying the cache into a new present every step.
         search = _json_object(genai).get("search", {}) if genai.exists() else {}
         self.share_buffer = isinstance(search, dict) and bool(search.get("past_present_share_buffer", False))
+
+    def encode(self, prompt: str) -> list[int]:
+        """A prompt's token ids; an empty prompt has nothing to continue."""
+        ids = self.tokenizer.encode(prompt).ids
+        if not ids:
+            raise EmptyPrompt("the prompt is empty (it encodes to no tokens); give some text to continue")
+        return ids
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits for a [batch, seq] block with no cache (for evaluation)."""
@@ -229,9 +236,7 @@ class EdgeModel:
         self, prompt: str, max_new_tokens: int = 64, stats: GenerationStats | None = None, **kwargs
     ) -> Iterator[str]:
         """Yield decoded text pieces as tokens arrive."""
-        prompt_ids = self.tokenizer.encode(prompt).ids
-        if not prompt_ids:
-            raise EmptyPrompt("the prompt is empty (it encodes to no tokens); give some text to continue")
+        prompt_ids = self.encode(prompt)
         generated: list[int] = []
         shown = ""
         for token in self.generate_ids(prompt_ids, max_new_tokens, stats=stats, **kwargs):

@@ -97,8 +97,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if path.is_dir():
         raise RecipeError(f"recipe {path} is a directory; give the path of a recipe's .yaml file")
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"recipe {path} does not exist")
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} is not a regular file (a pipe or device); give a recipe's .yaml file")
     try:
         node = safe_yaml.compose(safe_yaml.read_text(path))
         data = safe_yaml.construct(node)

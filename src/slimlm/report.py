@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from slimlm import safe_yaml
-from slimlm.artifacts import RunLayout, damaged_metrics, read_json, read_manifest, run_state
+from slimlm.artifacts import RunLayout, manifest_problem, read_json, read_manifest, run_state
 from slimlm.errors import RunDirectoryError
 
 
@@ -41,8 +41,7 @@ class StageRow:
 def read_run(run_dir: Path) -> tuple[dict[str, Any], list[StageRow]]:
     """The run's state and one row per stage (teacher first) in recipe order, with what is known of each."""
     layout = RunLayout(Path(run_dir))
-    _check_is_run(layout)
-    state = run_state(layout.root)
+    state = _run_state_or_error(layout)
     order = _recipe_order(layout)
     if order is None:  # recipe.yaml is damaged: the stage folders on disk still say what ran, in order
         order = [(0, "teacher", "teacher")] + [
@@ -55,7 +54,8 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[StageRow]]:
         manifest = layout.manifest(i, name) or {}
         if (layout.stage_dir(i, name) / "manifest.json").exists() and not manifest:
             raise RunDirectoryError(
-                f"{layout.stage_dir(i, name) / 'manifest.json'} is damaged ({_manifest_problem(layout, i, name)}); "
+                f"{layout.stage_dir(i, name) / 'manifest.json'} is damaged "
+                f"({manifest_problem(read_json(layout.stage_dir(i, name) / 'manifest.json'))}); "
                 "run the recipe again to rebuild that stage"
             )
         last = state["stages"].get(name)
@@ -68,7 +68,8 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[StageRow]]:
     return state, rows
 
 
-def _check_is_run(layout: RunLayout) -> None:
+def _run_state_or_error(layout: RunLayout) -> dict[str, Any]:
+    """The run's run.json, or one line that says why `layout.root` is not a readable run."""
     root = layout.root
     if not root.exists():
         raise RunDirectoryError(f"{root} does not exist; give a run directory (runs/<recipe name> by default)")
@@ -76,11 +77,13 @@ def _check_is_run(layout: RunLayout) -> None:
         raise RunDirectoryError(f"{root} is a file, not a run directory (runs/<recipe name> by default)")
     if not layout.run_state.exists():
         raise RunDirectoryError(f"{root} is not a slimlm run directory (it has no run.json)")
-    if run_state(root) is None:
+    state = run_state(root)
+    if state is None:
         raise RunDirectoryError(
             f"{layout.run_state} is damaged (not the JSON record slimlm writes); "
             "run the recipe again into this directory to rewrite it"
         )
+    return state
 
 
 def _recipe_order(layout: RunLayout) -> list[tuple[int, str, str]] | None:
@@ -90,13 +93,6 @@ def _recipe_order(layout: RunLayout) -> list[tuple[int, str, str]] | None:
         return [(0, "teacher", "teacher")] + [(i, str(s["name"]), str(s["kind"])) for i, s in enumerate(stages, 1)]
     except (OSError, ValueError, yaml.YAMLError, AttributeError, KeyError, TypeError):
         return None
-
-
-def _manifest_problem(layout: RunLayout, index: int, name: str) -> str:
-    manifest = read_json(layout.stage_dir(index, name) / "manifest.json")
-    if not isinstance(manifest, dict):
-        return "not a JSON object"
-    return damaged_metrics(manifest.get("metrics", {})) or "its gate verdicts are not the records slimlm writes"
 
 
 def write_report(run_dir: Path) -> tuple[Path, Path]:

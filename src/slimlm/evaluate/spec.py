@@ -157,20 +157,10 @@ def task_problems(spec: LmEvalSpec) -> dict[tuple, str]:
     """Plan-time checks of the tasks: local files exist and have the fields the templates use; built-in names exist."""
     problems: dict[tuple, str] = {}
     for i, task in enumerate(spec.tasks):
-        refused = next(
-            (
-                (field, template, problem)
-                for field, template in _templates(task)
-                if (problem := template_problem(template))
-            ),
-            None,
-        )
+        refused = _refused_template(task)
         if refused:  # a template that could run code or exhaust memory is refused before anything reads the file
-            field, template, problem = refused
-            problems[("evaluation", "lm_eval", "tasks", i, field)] = (
-                f"template {template!r} {problem}; a template may use the record's fields ({{{{goal}}}}, "
-                "{{choices[0]}}), literals, if/for and plain filters"
-            )
+            field, message = refused
+            problems[("evaluation", "lm_eval", "tasks", i, field)] = message
         elif task.file is not None:
             problem = _local_file_problem(task, resolve_path(task.file))
             if problem:
@@ -191,10 +181,17 @@ def task_problems(spec: LmEvalSpec) -> dict[tuple, str]:
     return problems
 
 
-def _templates(task: TaskSpec) -> list[tuple[str, str]]:
-    return [
-        (field, getattr(task, field)) for field in ("text", "choices", "target") if getattr(task, field) is not None
-    ]
+def _refused_template(task: TaskSpec) -> tuple[str, str] | None:
+    """(field, message) for the first of a task's templates that slimlm refuses, or None."""
+    for field in ("text", "choices", "target"):
+        template = getattr(task, field)
+        problem = template_problem(template) if template is not None else None
+        if problem:
+            return field, (
+                f"template {template!r} {problem}; a template may use the record's fields ({{{{goal}}}}, "
+                "{{choices[0]}}), literals, if/for and plain filters"
+            )
+    return None
 
 
 def resolve_path(file: str) -> Path:

@@ -149,14 +149,13 @@ def compare(result: dict[str, Any], greedy: list[int], top1: list[int] | None) -
     return verdict
 
 
-def check_clients(export_dir: Path, prompt_ids: list[int], steps: int, score_ids: list[int]) -> dict[str, Any]:
-    """Every client on one export, against slimlm's edge runtime on the same export (greedy tokens and the
-    argmax at each position of `score_ids`). A client that cannot run is recorded with the reason."""
+def check_clients(edge, prompt_ids: list[int], steps: int, score_ids: list[int]) -> dict[str, Any]:
+    """Every client on one export, against slimlm's edge runtime (`edge`, an EdgeModel of the export) on the
+    same export: greedy tokens and the argmax at each position of `score_ids`. A client that cannot run is
+    recorded with the reason."""
     import numpy as np
 
-    from slimlm.edge import EdgeModel
-
-    edge = EdgeModel(export_dir)
+    export_dir = edge.path
     greedy = list(edge.generate_ids(prompt_ids, steps))
     edge_top1 = np.argmax(edge.logits(np.array([score_ids]))[0], -1).tolist()
     job = {"dir": str(export_dir), "prompt_ids": prompt_ids, "steps": steps, "score_ids": score_ids}

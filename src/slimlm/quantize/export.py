@@ -21,6 +21,7 @@ import torch
 from pydantic import Field, model_validator
 
 from slimlm import arch
+from slimlm.edge import EdgeModel
 from slimlm.errors import RecipeError, SourceError, StageFailed, UnsupportedModelError
 from slimlm.evaluate.agreement import teacher_agreement
 from slimlm.progress import status
@@ -245,7 +246,8 @@ def _parity(config: ExportConfig, context: StageContext, model, out: Path) -> di
         seq_len=config.parity.seq_len,
         max_tokens=config.parity.max_tokens,
     )
-    metrics = parity(model, out, blocks, config.parity.greedy_steps)
+    edge = EdgeModel(out)
+    metrics = parity(model, edge, blocks, config.parity.greedy_steps)
     status(
         f"parity: max |logit diff| {metrics['max_logit_diff']:.3g}, top-1 agreement {metrics['top1_agreement']:.4f}, "
         f"KL {metrics['kl']:.3g}, greedy {metrics['greedy_agreement']:.3f}"
@@ -253,16 +255,14 @@ def _parity(config: ExportConfig, context: StageContext, model, out: Path) -> di
     if config.clients:
         status("running the export in its clients (transformers.js, Optimum, onnxruntime-genai)")
         prompt = blocks[0, : min(16, blocks.shape[1])].tolist()
-        metrics["clients"] = check_clients(out, prompt, config.parity.greedy_steps, blocks[0].tolist())
+        metrics["clients"] = check_clients(edge, prompt, config.parity.greedy_steps, blocks[0].tolist())
         status("clients: " + "; ".join(f"{c}: {describe_verdict(v)}" for c, v in metrics["clients"].items()))
     return metrics
 
 
 @torch.inference_mode()
-def parity(model, onnx_dir: Path, blocks: torch.Tensor, greedy_steps: int) -> dict[str, float]:
-    from slimlm.edge import EdgeModel
-
-    edge = EdgeModel(onnx_dir)
+def parity(model, edge, blocks: torch.Tensor, greedy_steps: int) -> dict[str, float]:
+    """The export (`edge`, an EdgeModel) against its PyTorch parent `model` on held-out `blocks`."""
     # the PyTorch parent plays the teacher: KL(parent || export), one block at a time
     agreement = teacher_agreement(
         lambda ids: edge.logits(ids.numpy()), lambda ids: model(input_ids=ids, use_cache=False).logits, blocks, 1
@@ -279,5 +279,5 @@ def parity(model, onnx_dir: Path, blocks: torch.Tensor, greedy_steps: int) -> di
         "kl": agreement["kl"],
         "greedy_agreement": same,
         "greedy_tokens": {"pytorch": expected, "onnx": produced},
-        "onnx_bytes": int(sum(p.stat().st_size for p in onnx_dir.iterdir() if p.name.startswith("model.onnx"))),
+        "onnx_bytes": int(sum(p.stat().st_size for p in edge.path.iterdir() if p.name.startswith("model.onnx"))),
     }

@@ -135,8 +135,9 @@ def convert_gguf(path: Path, *, status=print) -> Path:
     except Exception as e:  # noqa: BLE001 - a damaged GGUF surfaces as struct, index, value or key errors
         if isinstance(e, (ImportError, MemoryError)):
             raise
+        detail = str(e).splitlines()[0][:200] if str(e) else "no detail"
         raise SourceError(
-            f"transformers cannot read {path.name} as a GGUF model ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
+            f"transformers cannot read {path.name} as a GGUF model ({type(e).__name__}: {detail}); "
             "is the file complete and a llama.cpp GGUF?"
         ) from e
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from its config and copy the weights.
