@@ -120,8 +120,8 @@ def bare_loop_tokens_per_second(run_dir: Path, s: dict, steps: int) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slimlm.distill.losses import forward_kl
-    from slimlm.recipe import DataSpec
     from slimlm.sources.models import resolve_model
+    from slimlm.sources.specs import DataSpec
     from slimlm.sources.text import load_documents, pack_tokens, token_stream
 
     teacher = AutoModelForCausalLM.from_pretrained(resolve_model(s["model"])).eval().requires_grad_(False)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from common import RESULTS, SHARED, write_results
 
-from slimlm.recipe import DataSpec
 from slimlm.sources.models import load_model, load_tokenizer
+from slimlm.sources.specs import DataSpec
 from slimlm.sources.text import load_documents, pack_tokens, token_stream
 
 TEACHER = SHARED / "models" / "stories260K"

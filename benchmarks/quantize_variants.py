@@ -21,12 +21,12 @@ from common import RESULTS, write_results
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimlm.edge import EdgeModel
-from slimlm.quantize.export import parity
+from slimlm.export.graph_quantize import quantize_weights
+from slimlm.export.onnx_graph import export_onnx
+from slimlm.export.parity import parity
 from slimlm.quantize.gptq import gptq
-from slimlm.quantize.onnx_export import export_onnx
-from slimlm.quantize.ort_quantize import quantize_weights
 from slimlm.quantize.smooth import smooth
-from slimlm.recipe import DataSpec
+from slimlm.sources.specs import DataSpec
 from slimlm.sources.text import DataStore
 
 VARIANTS = {

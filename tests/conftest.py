@@ -10,8 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Export stages run every installed client (slimlm/quantize/clients.py). The fast suite points them at an empty
-# folder; tests/quantize/test_clients.py (pytest -m clients) points them back at the real ones.
+# Export stages run every installed client (slimlm/export/clients.py). The fast suite points them at an empty
+# folder; tests/export/test_clients.py (pytest -m clients) points them back at the real ones.
 INSTALLED_CLIENTS = os.environ.get("SLIMLM_CLIENTS")
 os.environ["SLIMLM_CLIENTS"] = str(Path(__file__).parent / "no-clients-installed")
 
@@ -112,7 +112,7 @@ def tiny_export(tiny_models, tmp_path_factory) -> Path:
     """The tiny Llama exported once at fp32 (model.onnx, external data, config, tokenizer)."""
     from transformers import AutoModelForCausalLM
 
-    from slimlm.quantize.onnx_export import export_onnx
+    from slimlm.export.onnx_graph import export_onnx
 
     out = tmp_path_factory.mktemp("export") / "onnx"
     export_onnx(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval(), tiny_models["llama"], out)

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -59,21 +58,41 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON next to its destination and rename, so readers never see half a file."""
+def temporary_beside(path: Path) -> Path:
+    """Where a file or folder is written before it is renamed onto `path` (same folder, so the rename is atomic)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write a file or a folder into; rename it onto `path` when the
+    block ends, or remove it if the block fails, so readers (and a resumed run) never see half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temporary_beside(path)
+    _remove(tmp)  # left by a process that was killed mid-write
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON next to its destination and rename, so readers never see half a file."""
+    with atomic_write(Path(path)) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_json(path: Path) -> Any:
@@ -82,53 +101,6 @@ def read_json(path: Path) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
-
-
-# Metrics that the status table, the report and gates read as numbers (stages add free-form ones: shapes, lists).
-NUMERIC_METRICS = ("params", "nonembedding_params", "size_bytes", "perplexity")
-NUMERIC_SECTIONS = ("agreement", "speed")
-TEXT_METRICS = ("settings",)  # speed.settings says how speed was measured
-
-
-def damaged_metrics(metrics: Any) -> str | None:
-    """Why a manifest's metrics cannot be read back (a headline value that is not a number), or None."""
-
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    if not isinstance(metrics, dict):
-        return f"its metrics are {type(metrics).__name__}, not a mapping"
-    for key in NUMERIC_METRICS:
-        if key in metrics and not number(metrics[key]):
-            return f"metric {key} is {metrics[key]!r}, not a number"
-    for section in NUMERIC_SECTIONS:
-        values = metrics.get(section, {})
-        if not isinstance(values, dict) or not all(number(v) or k in TEXT_METRICS for k, v in values.items()):
-            return f"metric section {section} is not a mapping of numbers"
-    tasks = metrics.get("tasks", {})
-    if not isinstance(tasks, dict) or not all(
-        isinstance(values, dict) and all(number(v) for v in values.values()) for values in tasks.values()
-    ):
-        return "metric section tasks is not a mapping of tasks to numbers"
-    return None
-
-
-def manifest_problem(manifest: Any) -> str | None:
-    """Why a manifest's content cannot be read back as the record slimlm writes, or None."""
-    if not isinstance(manifest, dict):
-        return f"a JSON {type(manifest).__name__}, not an object"
-    if problem := damaged_metrics(manifest.get("metrics", {})):
-        return problem
-    gates = manifest.get("gates", [])
-    if not isinstance(gates, list) or not all(isinstance(g, dict) and isinstance(g.get("passed"), bool) for g in gates):
-        return "its gate verdicts are not the records slimlm writes"
-    return None
-
-
-def read_manifest(path: Path) -> dict | None:
-    """A stage's manifest, or None where it is missing or damaged (then the stage runs again)."""
-    manifest = read_json(path)
-    return None if manifest_problem(manifest) else manifest
 
 
 @dataclass(frozen=True)
@@ -155,9 +127,6 @@ class RunLayout:
         path = self.root / WORK_DIR / f"{index:02d}-{name}-{digest[:12]}"
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-    def manifest(self, index: int, name: str) -> dict | None:
-        return read_manifest(self.stage_dir(index, name) / MANIFEST)
 
     def stage_dirs(self) -> list[Path]:
         """The committed stage folders (`01-name`, ...; not the teacher's `00-teacher`), in order."""

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
-import os
 import signal
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -48,23 +45,6 @@ def _fail(error: SlimlmError) -> None:
     raise typer.Exit(error.exit_code)
 
 
-def _quiet_libraries() -> None:
-    """Our own progress bars replace the libraries' tqdm bars and advisory warnings."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    # bitsandbytes warns that the optional `kernels` package (which downloads from the hub) is absent; we do not use it.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed", irrelevant to LMs
-    # lm-eval: our status lines replace its dataset-building bars and its advice about passing a model object.
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    for name in ("lm-eval", "lm_eval", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-
-
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="the recipe YAML")],
@@ -81,8 +61,10 @@ def run(
 
     try:
         parsed = load_recipe(recipe, set_ or [])
-        _quiet_libraries()
+        from slimlm.progress import quiet_libraries
         from slimlm.runner import run_recipe
+
+        quiet_libraries()
 
         with _stop_on_signals():
             run_recipe(parsed, run_dir or Path("runs") / parsed.name, force=force)
@@ -129,6 +111,7 @@ def _stop_on_signals() -> Iterator[None]:
 @app.command()
 def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")], set_: SetOption = None) -> None:
     """Validate a recipe and show what each stage will do and produce, without running anything."""
+    from slimlm.evaluate.catalogue import ALWAYS_MEASURED
     from slimlm.recipe import load_recipe
 
     try:
@@ -138,14 +121,8 @@ def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")], set_: 
     table = Table(title=f"{parsed.name}: teacher {parsed.model}")
     for col in ("#", "stage", "kind", "produces", "settings", "gates"):
         table.add_column(col)
-    table.add_row(
-        "00",
-        "teacher",
-        "evaluate",
-        "metrics",
-        ", ".join(sorted(parsed.evaluation.metric_names() | {"params", "size_bytes"})),
-        "",
-    )
+    measured = ", ".join(sorted(parsed.evaluation.metric_names() | set(ALWAYS_MEASURED)))
+    table.add_row("00", "teacher", "evaluate", "metrics", measured, "")
     for i, stage in enumerate(parsed.stages, 1):
         settings = stage.model_dump(
             mode="json", exclude={"name", "kind", "gates"}, exclude_none=True, exclude_defaults=True
@@ -158,27 +135,20 @@ def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")], set_: 
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Show which stages of a run are done, skipped, failed or pending, with their key metrics."""
+    from slimlm.evaluate.catalogue import HEADLINES
     from slimlm.report import gates_summary, read_run
 
     try:
         state, rows = read_run(run_dir)
     except SlimlmError as e:
         _fail(e)
+    headlines = [h for h in HEADLINES if h.in_status]
     table = Table(title=f"{state['recipe']}: {state['status']} (started {state.get('started', '?')})")
-    for col in ("#", "stage", "status", "params", "size MB", "perplexity", "gates", "seconds"):
+    for col in ("#", "stage", "status", *(h.label for h in headlines), "gates", "seconds"):
         table.add_column(col)
     for row in rows:
-        m = row.metrics
-        table.add_row(
-            f"{row.index:02d}",
-            row.name,
-            row.status,
-            f"{m['params']:,}" if "params" in m else "",
-            f"{m['size_bytes'] / 1e6:.1f}" if "size_bytes" in m else "",
-            f"{m['perplexity']:.3f}" if "perplexity" in m else "",
-            gates_summary(row),
-            str(row.manifest.get("seconds", "")),
-        )
+        cells = [h.cell(row.metrics) for h in headlines]
+        table.add_row(f"{row.index:02d}", row.name, row.status, *cells, gates_summary(row), row.seconds)
     _stdout().print(table)
     if state.get("error"):
         _stdout().print(f"[red]last error:[/] {state['error']}", highlight=False)
@@ -242,7 +212,7 @@ def export_check(
 ) -> None:
     """Run an export in the clients installed here (transformers.js, Optimum, onnxruntime-genai) and compare their
     greedy tokens and top-1 predictions with slimlm generate's. Exit 3 if a client decodes other tokens."""
-    from slimlm.quantize.clients import check_clients, describe_verdict
+    from slimlm.export.clients import check_clients, describe_verdict
 
     edge = _open_export(export_dir)
     try:

@@ -70,3 +70,9 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signal_name = signal.Signals(signum).name
         self.exit_code = 128 + signum
+
+
+def last_line(proc) -> str:
+    """What a failed subprocess said last (its stderr, else its stdout), for a one-line error message."""
+    lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+    return lines[-1][:300] if lines else "no output"

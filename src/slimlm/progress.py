@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -66,3 +69,20 @@ class LibraryBar:
 
 def status(message: str) -> None:
     console.print(f"  {message}", highlight=False, soft_wrap=True)
+
+
+def quiet_libraries() -> None:
+    """Our own progress bars replace the libraries' tqdm bars and advisory warnings."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # bitsandbytes warns that the optional `kernels` package (which downloads from the hub) is absent; we do not use it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed", irrelevant to LMs
+    # lm-eval: our status lines replace its dataset-building bars and its advice about passing a model object.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for name in ("lm-eval", "lm_eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")

@@ -12,56 +12,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from slimlm import safe_yaml
 from slimlm.errors import RecipeError, SourceError
+from slimlm.evaluate.catalogue import ALWAYS_MEASURED, ALWAYS_MEASURED_ONNX
 from slimlm.evaluate.spec import Evaluation, gate_metric_names, metric_is_known, task_problems
 from slimlm.sources.models import check_model_spec
+from slimlm.sources.specs import DataSpec
 from slimlm.stage import HF, ONNX, PLAIN_NAME, StageConfig, Strict
-from slimlm.stages import STAGES
+from slimlm.stages import STAGE_KINDS
 
-STAGE_KINDS: tuple[type[StageConfig], ...] = tuple(config for config, _ in STAGES.values())
 AnyStage = Annotated[Union[STAGE_KINDS], Field(discriminator="kind")]  # noqa: UP007 - needs a runtime Union
-
-# Metrics the runner computes for every model artifact (others come from the evaluation section); ONNX has no params.
-ALWAYS_MEASURED = frozenset({"params", "nonembedding_params", "size_bytes"})
-ALWAYS_MEASURED_ONNX = frozenset({"size_bytes"})
-
-
-class GenerateSpec(Strict):
-    """Text sampled from the teacher (`source: generate`): distillation without the original training data."""
-
-    prompts: str | None = Field(
-        None, description="a data source whose documents' openings prompt the teacher; BOS if unset"
-    )
-    tokens: int = Field(50_000, ge=1, description="how many tokens to generate in all")
-    max_new_tokens: int = Field(256, ge=1)
-    prompt_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    batch_size: int = Field(8, ge=1)
-
-
-class DataSpec(Strict):
-    """A named text source, its split, and how it is cut into token blocks."""
-
-    source: str
-    split: str = "all"
-    field: str = "text"
-    test_fraction: float = Field(0.1, gt=0, lt=1)
-    seq_len: int = Field(256, ge=8)
-    samples: int | None = Field(None, ge=1, description="number of seq_len blocks to use; all if unset")
-    generate: GenerateSpec | None = None
-
-    @model_validator(mode="after")
-    def _generate_settings(self) -> DataSpec:
-        if (self.source == "generate") != (self.generate is not None):
-            raise ValueError(
-                "`source: generate` goes with a `generate:` section (prompts, tokens, temperature, top_p), "
-                "and only with it"
-            )
-        return self
 
 
 class Recipe(Strict):
@@ -342,7 +304,7 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
     fmt, producer = HF, "the teacher"
     formats = {"teacher": (HF, "the teacher")}
     for i, stage in enumerate(recipe.stages):
-        always = ALWAYS_MEASURED_ONNX if stage.produces == ONNX else ALWAYS_MEASURED
+        always = set(ALWAYS_MEASURED_ONNX if stage.produces == ONNX else ALWAYS_MEASURED)
         evaluated = always | evaluation_metrics
         if stage.name == "teacher":
             raise where.error(

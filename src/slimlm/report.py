@@ -10,15 +10,18 @@ from __future__ import annotations
 import base64
 import html
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from slimlm import safe_yaml
-from slimlm.artifacts import RunLayout, manifest_problem, read_json, read_manifest, run_state
+from slimlm.artifacts import MANIFEST, RunLayout, read_json, run_state
 from slimlm.errors import RunDirectoryError
+from slimlm.evaluate.catalogue import HEADLINES, PARAMS, SIZE, TASK_HEADLINES
+from slimlm.evaluate.gates import describe_verdict
+from slimlm.manifest import GateVerdict, Manifest, manifest_problem, read_manifest, stage_manifest
 
 
 @dataclass
@@ -27,15 +30,23 @@ class StageRow:
     name: str
     kind: str
     status: str  # done, skipped, gate failed, failed, running, pending, finished earlier
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest | None = None
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return self.manifest.get("metrics", {})
+        return self.manifest.metrics if self.manifest else {}
 
     @property
-    def failed_gates(self) -> list[dict[str, Any]]:
-        return [v for v in self.manifest.get("gates", []) if not v["passed"]]
+    def gates(self) -> list[GateVerdict]:
+        return self.manifest.gates if self.manifest else []
+
+    @property
+    def failed_gates(self) -> list[GateVerdict]:
+        return [v for v in self.gates if not v.passed]
+
+    @property
+    def seconds(self) -> str:
+        return str(self.manifest.seconds) if self.manifest else ""
 
 
 def read_run(run_dir: Path) -> tuple[dict[str, Any], list[StageRow]]:
@@ -45,26 +56,24 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[StageRow]]:
     order = _recipe_order(layout)
     if order is None:  # recipe.yaml is damaged: the stage folders on disk still say what ran, in order
         order = [(0, "teacher", "teacher")] + [
-            (int(d.name[:2]), d.name[3:], (read_manifest(d / "manifest.json") or {}).get("kind", ""))
-            for d in layout.stage_dirs()
+            (int(d.name[:2]), d.name[3:], getattr(read_manifest(d / MANIFEST), "kind", "")) for d in layout.stage_dirs()
         ]
         state = {**state, "warning": f"{layout.recipe.name} is damaged; stages are listed from their folders"}
     rows = []
     for i, name, kind in order:
-        manifest = layout.manifest(i, name) or {}
-        if (layout.stage_dir(i, name) / "manifest.json").exists() and not manifest:
+        manifest = stage_manifest(layout, i, name)
+        path = layout.stage_dir(i, name) / MANIFEST
+        if path.exists() and manifest is None:
             raise RunDirectoryError(
-                f"{layout.stage_dir(i, name) / 'manifest.json'} is damaged "
-                f"({manifest_problem(read_json(layout.stage_dir(i, name) / 'manifest.json'))}); "
-                "run the recipe again to rebuild that stage"
+                f"{path} is damaged ({manifest_problem(read_json(path))}); run the recipe again to rebuild that stage"
             )
         last = state["stages"].get(name)
         shown = last or ("finished earlier" if manifest else "pending")
-        if manifest.get("status") == "gate_failed" or last == "gate_failed":
+        if (manifest and manifest.status == "gate_failed") or last == "gate_failed":
             shown = "gate failed"
         elif last == "running":
             shown = state["status"] if state["status"] in ("failed", "interrupted") else "running"
-        rows.append(StageRow(i, name, kind or manifest.get("kind", ""), shown, manifest))
+        rows.append(StageRow(i, name, kind or getattr(manifest, "kind", ""), shown, manifest))
     return state, rows
 
 
@@ -114,7 +123,7 @@ def _task_metrics(rows: list[StageRow]) -> list[tuple[str, str]]:
     pairs: dict[tuple[str, str], None] = {}
     for row in rows:
         for task, values in row.metrics.get("tasks", {}).items():
-            for metric in ("acc", "acc_norm", "word_perplexity", "bits_per_byte"):
+            for metric in TASK_HEADLINES:
                 if metric in values:
                     pairs[(task, metric)] = None
     return list(pairs)
@@ -124,50 +133,31 @@ def _columns(rows: list[StageRow]) -> list[tuple[str, Any]]:
     """The summary table's columns: (header, function of a row giving the cell text)."""
     teacher = rows[0].metrics if rows else {}
 
-    def number(key, fmt):
-        return lambda r: format(r.metrics[key], fmt) if key in r.metrics else ""
+    def headline(h):
+        if not h.versus_teacher:
+            return lambda r: h.cell(r.metrics)
+        reference = h.value(teacher)
 
-    def nested(section, key, fmt):
-        return lambda r: format(r.metrics[section][key], fmt) if key in r.metrics.get(section, {}) else ""
+        def cell(r):  # a figure and its ratio to the teacher's, measured in the same run: `12.3 (0.52x)`
+            value = h.value(r.metrics)
+            if value is None:
+                return ""
+            return format(value, h.fmt) + (f" ({value / reference:.2f}x)" if reference else "")
 
-    def versus_teacher(value, reference, fmt):
-        """A figure and its ratio to the teacher's, measured in the same run: `12.3 (0.52x)`."""
-        if value is None:
-            return ""
-        return format(value, fmt) + (f" ({value / reference:.2f}x)" if reference else "")
-
-    def size(r):
-        value = r.metrics.get("size_bytes")
-        return versus_teacher(value and value / 1e6, teacher.get("size_bytes", 0) / 1e6, ".1f")
-
-    def speed(key):
-        reference = teacher.get("speed", {}).get(key)
-        return lambda r: versus_teacher(r.metrics.get("speed", {}).get(key), reference, ".1f")
+        return cell
 
     cols: list[tuple[str, Any]] = [
         ("#", lambda r: f"{r.index:02d}"),
         ("stage", lambda r: r.name),
         ("kind", lambda r: r.kind),
         ("status", lambda r: r.status),
-        ("size MB", size),
-        ("params", number("params", ",")),
     ]
-    if any("perplexity" in r.metrics for r in rows):
-        cols.append(("perplexity", number("perplexity", ".3f")))
-    if any("agreement" in r.metrics for r in rows):
-        cols += [("top-1 agreement", nested("agreement", "top1", ".4f")), ("KL", nested("agreement", "kl", ".4f"))]
-    for task, metric in _task_metrics(rows):
+    shown = [h for h in HEADLINES if h.metric in (SIZE, PARAMS) or any(h.value(r.metrics) is not None for r in rows)]
+    cols += [(h.label, headline(h)) for h in shown if not h.metric.startswith("speed.")]
+    for task, metric in _task_metrics(rows):  # task scores go between quality and speed
         cols.append((f"{task} {metric}", lambda r, t=task, m=metric: _task_cell(r, t, m)))
-    if any("speed" in r.metrics for r in rows):
-        cols += [
-            ("prefill tok/s", speed("prefill_tokens_per_s")),
-            ("decode tok/s", speed("decode_tokens_per_s")),
-            (
-                "peak MB",
-                lambda r: f"{r.metrics['speed']['peak_memory_bytes'] / 1e6:.0f}" if "speed" in r.metrics else "",
-            ),
-        ]
-    cols += [("gates", gates_summary), ("seconds", lambda r: str(r.manifest.get("seconds", "")))]
+    cols += [(h.label, headline(h)) for h in shown if h.metric.startswith("speed.")]
+    cols += [("gates", gates_summary), ("seconds", lambda r: r.seconds)]
     return cols
 
 
@@ -178,31 +168,26 @@ def _task_cell(row: StageRow, task: str, metric: str) -> str:
 
 def gates_summary(row: StageRow) -> str:
     """`2 passed`, or `FAILED:` and the gates that failed."""
-    gates = row.manifest.get("gates", [])
     failed = row.failed_gates
     if failed:
-        return "FAILED: " + "; ".join(v["gate"] for v in failed)
-    return f"{len(gates)} passed" if gates else ""
+        return "FAILED: " + "; ".join(v.gate for v in failed)
+    return f"{len(row.gates)} passed" if row.gates else ""
 
 
 def _verdict_lines(row: StageRow) -> list[tuple[str, str, str, str]]:
-    lines = []
-    for v in row.manifest.get("gates", []):
-        measured = "not measured" if v["value"] is None else f"{v['value']:.6g}"
-        if v.get("recovery") is not None:
-            measured += f" (recovery {v['recovery']:.3f})"
-        lines.append((v["gate"], measured, " and ".join(v["bounds"]) or "-", "pass" if v["passed"] else "FAIL"))
-    return lines
+    return [
+        (v.gate, describe_verdict(v), " and ".join(v.bounds) or "-", "pass" if v.passed else "FAIL") for v in row.gates
+    ]
 
 
 def _client_lines(row: StageRow) -> list[tuple[str, str]]:
     """(client, verdict) for an export that was run in its clients; the export stage records them."""
-    from slimlm.quantize.clients import describe_verdict
+    from slimlm.export.clients import describe_verdict as describe_client
 
     clients = row.metrics.get("clients")
     if not isinstance(clients, dict):
         return []
-    return [(c, describe_verdict(v)) for c, v in clients.items() if isinstance(v, dict)]
+    return [(c, describe_client(v)) for c, v in clients.items() if isinstance(v, dict)]
 
 
 def _headline(state: dict[str, Any], rows: list[StageRow]) -> str:
@@ -298,7 +283,7 @@ def _plots(rows: list[StageRow]) -> dict[str, bytes]:
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    measured = [r for r in rows if "size_bytes" in r.metrics]
+    measured = [r for r in rows if SIZE in r.metrics]
     plots: dict[str, bytes] = {}
     quality = (
         [("perplexity", "perplexity (lower is better)")] if any("perplexity" in r.metrics for r in measured) else []
@@ -312,8 +297,8 @@ def _plots(rows: list[StageRow]) -> dict[str, bytes]:
                 y = r.metrics.get(key) if key != "tasks" else _mean_task_score(r, tasks)
                 if y is None:
                     continue
-                ax.scatter(r.metrics["size_bytes"] / 1e6, y, color="#c00" if r.failed_gates else "#1f5fa8")
-                ax.annotate(r.name, (r.metrics["size_bytes"] / 1e6, y), textcoords="offset points", xytext=(4, 4))
+                ax.scatter(r.metrics[SIZE] / 1e6, y, color="#c00" if r.failed_gates else "#1f5fa8")
+                ax.annotate(r.name, (r.metrics[SIZE] / 1e6, y), textcoords="offset points", xytext=(4, 4))
             ax.set_xlabel("size on disk (MB)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)

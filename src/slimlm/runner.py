@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from slimlm import launch
 from slimlm.artifacts import (
-    MANIFEST,
     RunLayout,
+    atomic_write,
     begin_partial,
     check_run_dir,
     commit_partial,
@@ -28,8 +29,10 @@ from slimlm.artifacts import (
     write_json_atomic,
 )
 from slimlm.errors import GateFailed, RecipeError, RunDirectoryError, SlimlmError
-from slimlm.evaluate.gates import check_gate, failure_message
+from slimlm.evaluate.catalogue import headline_values
+from slimlm.evaluate.gates import check_gate, describe_verdict, failure_message
 from slimlm.evaluate.suite import Evaluator, evaluation_digest
+from slimlm.manifest import Manifest, stage_manifest, write_manifest
 from slimlm.progress import console, status
 from slimlm.recipe import Recipe, recipe_to_yaml
 from slimlm.sources.models import resolve_model
@@ -84,7 +87,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, *, force: bool = False) -> dict[st
         # run.json first: it is what marks the folder as a slimlm run
         state: dict[str, Any] = {"recipe": recipe.name, "status": "running", "started": now(), "stages": {}}
         write_json_atomic(layout.run_state, state)
-        layout.recipe.write_text(recipe_to_yaml(recipe))
+        with atomic_write(layout.recipe) as tmp:
+            tmp.write_text(recipe_to_yaml(recipe))
         try:
             _run_stages(recipe, layout, state)
         except BaseException as e:
@@ -122,9 +126,9 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
     teacher_dir = resolve_model(recipe.model, allow_pickle=recipe.allow_pickle, status=status)
     data = DataStore(dict(recipe.data), teacher_dir=teacher_dir, cache_dir=layout.root / "generated")
     evaluator = Evaluator(recipe, data, device, tasks_dir=layout.root / "tasks")
-    teacher = _teacher_manifest(recipe, layout, teacher_dir, evaluator, eval_digest)
-    state["stages"][TEACHER] = "skipped" if teacher.pop("_reused") else "done"
-    _print_metrics(teacher["metrics"])
+    teacher, reused = _teacher_manifest(recipe, layout, teacher_dir, evaluator, eval_digest)
+    state["stages"][TEACHER] = "skipped" if reused else "done"
+    _print_metrics(teacher.metrics)
 
     finished = {TEACHER: teacher}
     previous = teacher
@@ -133,95 +137,90 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
         console.rule(f"[bold]{index:02d}-{stage.name}[/] ({stage.kind})")
         state["stages"][stage.name] = "running"
         write_json_atomic(layout.run_state, state)
-        manifest = _stage_manifest(recipe, layout, index, stage, previous, teacher, evaluator, eval_digest)
-        state["stages"][stage.name] = "skipped" if manifest.pop("_reused") else "done"
-        _print_metrics(manifest["metrics"])
-        verdicts = [check_gate(g, manifest["metrics"], teacher["metrics"], previous["metrics"]) for g in stage.gates]
-        manifest["gates"] = verdicts
-        failed = [v for v in verdicts if not v["passed"]]
-        manifest["status"] = "gate_failed" if failed else "done"
-        write_json_atomic(layout.stage_dir(index, stage.name) / MANIFEST, manifest)
-        for v in verdicts:
-            mark = "[green]pass[/]" if v["passed"] else "[red]FAIL[/]"
-            measured = "not measured" if v["value"] is None else f"measured {v['value']:.6g}"
-            if v.get("recovery") is not None:
-                measured += f", above-chance recovery {v['recovery']:.3f}"
-            status(f"gate {v['gate']}: {mark} ({measured})")
-        if failed:
+        manifest, reused = _stage_manifest(recipe, layout, index, stage, previous, teacher, evaluator, eval_digest)
+        state["stages"][stage.name] = "skipped" if reused else "done"
+        _print_metrics(manifest.metrics)
+        manifest.gates = [check_gate(g, manifest.metrics, teacher.metrics, previous.metrics) for g in stage.gates]
+        manifest.status = "gate_failed" if manifest.failed_gates else "done"
+        write_manifest(layout.stage_dir(index, stage.name), manifest)
+        for v in manifest.gates:
+            status(f"gate {v.gate}: {'[green]pass[/]' if v.passed else '[red]FAIL[/]'} ({describe_verdict(v)})")
+        if manifest.failed_gates:
             state["stages"][stage.name] = "gate_failed"
-            raise GateFailed(failure_message(stage.name, failed[0]))
+            raise GateFailed(failure_message(stage.name, manifest.failed_gates[0]))
         finished[stage.name] = previous = manifest
-        if getattr(
-            stage, "becomes_teacher", False
-        ):  # teacher correction: distill from the corrected model from here on
+        if stage.corrects_teacher:  # teacher correction: distill from the corrected model from here on
             status("this stage's output is the teacher for the stages that follow")
             teacher = manifest
     console.rule(f"done: {layout.root}")
 
 
-def _teacher_manifest(recipe, layout, teacher_dir: Path, evaluator: Evaluator, eval_digest) -> dict[str, Any]:
-    """Evaluate the teacher once per run directory; reuse while the model and evaluation are unchanged."""
+def _teacher_manifest(recipe, layout, teacher_dir: Path, evaluator: Evaluator, eval_digest) -> tuple[Manifest, bool]:
+    """Evaluate the teacher once per run directory; reuse while the model and evaluation are unchanged.
+    Returns its manifest and whether it was reused."""
     digest = dir_digest(teacher_dir)
-    old = layout.manifest(0, TEACHER)
-    if (
-        old
-        and old.get("output_digest") == digest
-        and old.get("evaluation_digest") == eval_digest
-        and old.get("model") == recipe.model
-    ):
+    old = stage_manifest(layout, 0, TEACHER)
+    if old and old.output_digest == digest and old.evaluation_digest == eval_digest and old.model == recipe.model:
         status("teacher already evaluated; reusing its metrics")
-        return {**old, "_reused": True}
+        return old, True
     started, t0 = now(), time.perf_counter()
     metrics = evaluator.evaluate(teacher_dir)
-    manifest = {
-        "stage": TEACHER,
-        "kind": TEACHER,
-        "status": "done",
-        "model": recipe.model,
-        "artifact_path": str(teacher_dir),
-        "input_digest": digest,
-        "output_digest": digest,
-        "evaluation_digest": eval_digest,
-        "metrics": metrics,
-        "gates": [],
-        "started": started,
-        "finished": now(),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "versions": library_versions(),
-        "seed": recipe.seed,
-    }
+    manifest = Manifest(
+        stage=TEACHER,
+        kind=TEACHER,
+        model=recipe.model,
+        artifact_path=str(teacher_dir),
+        input_digest=digest,
+        output_digest=digest,
+        evaluation_digest=eval_digest,
+        metrics=metrics,
+        started=started,
+        finished=now(),
+        seconds=round(time.perf_counter() - t0, 2),
+        versions=library_versions(),
+        seed=recipe.seed,
+    )
     layout.stage_dir(0, TEACHER).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(layout.stage_dir(0, TEACHER) / MANIFEST, manifest)
-    return {**manifest, "_reused": False}
+    write_manifest(layout.stage_dir(0, TEACHER), manifest)
+    return manifest, False
 
 
 def _stage_manifest(
-    recipe, layout, index: int, stage: StageConfig, previous: dict, teacher: dict, evaluator: Evaluator, eval_digest
-) -> dict[str, Any]:
-    """Run one stage into a partial folder and commit it, or reuse a finished one that still matches."""
+    recipe: Recipe,
+    layout: RunLayout,
+    index: int,
+    stage: StageConfig,
+    previous: Manifest,
+    teacher: Manifest,
+    evaluator: Evaluator,
+    eval_digest: str,
+) -> tuple[Manifest, bool]:
+    """Run one stage into a partial folder and commit it, or reuse a finished one that still matches.
+    Returns its manifest and whether it was reused."""
     # The teacher (which a corrected teacher replaces) and slimlm's version are part of the key too.
     cfg_digest = config_digest(
         {
             "stage": stage.digest_fields(),
             "seed": recipe.seed,
             "dtype": recipe.dtype,
-            "teacher": teacher["output_digest"],
+            "teacher": teacher.output_digest,
             "slimlm": library_versions().get("slimlm"),
         }
     )
-    teacher_dir = Path(teacher["artifact_path"])
-    input_digest = previous["output_digest"]
+    teacher_dir = Path(teacher.artifact_path)
+    input_digest = previous.output_digest
     final = layout.stage_dir(index, stage.name)
-    old = layout.manifest(index, stage.name)
-    if old and old.get("config_digest") == cfg_digest and old.get("input_digest") == input_digest:
-        artifact = final / old["artifact"]
-        if artifact.exists() and dir_digest(final) == old.get("output_digest"):
-            if old.get("evaluation_digest") != eval_digest:
+    old = stage_manifest(layout, index, stage.name)
+    if old and old.config_digest == cfg_digest and old.input_digest == input_digest and old.artifact:
+        artifact = final / old.artifact
+        if artifact.exists() and dir_digest(final) == old.output_digest:
+            if old.evaluation_digest != eval_digest:
                 status("evaluation settings changed; re-evaluating the existing artifact")
-                old["metrics"] = {**old.get("stage_metrics", {}), **evaluator.evaluate(artifact, teacher_dir)}
-                old["evaluation_digest"] = eval_digest
+                old.metrics = {**old.stage_metrics, **evaluator.evaluate(artifact, teacher_dir)}
+                old.evaluation_digest = eval_digest
             status("unchanged since the last run; skipping")
-            return {**old, "artifact_path": str(artifact), "_reused": True}
+            old.artifact_path = str(artifact)
+            return old, True
         status("files changed on disk since this stage finished; running it again")
 
     partial = begin_partial(layout, index, stage.name)
@@ -230,58 +229,53 @@ def _stage_manifest(
     started, t0 = now(), time.perf_counter()
     torch.manual_seed(recipe.seed)
     context = StageContext(
-        recipe=recipe,
-        input_dir=Path(previous["artifact_path"]),
+        input_dir=Path(previous.artifact_path),
         teacher_dir=teacher_dir,
         output_dir=partial,
         work_dir=work_dir,
         data=evaluator.data,
         device=evaluator.device,
         seed=recipe.seed,
+        dtype=recipe.dtype,
+        trust_remote_code=recipe.trust_remote_code,
     )
-    result = STAGES[stage.kind][1](stage, context)
+    if stage.launch_options():  # the stage trains in several processes; this one waits for them
+        result = launch.run_launched(stage, context, dict(recipe.data))
+    else:
+        result = STAGES[stage.kind].run(stage, context)
     seconds = round(time.perf_counter() - t0, 2)
     metrics = {**result.metrics, **evaluator.evaluate(partial / result.artifact, teacher_dir)}
-    manifest = {
-        "stage": stage.name,
-        "kind": stage.kind,
-        "index": index,
-        "status": "done",
-        "config": stage.model_dump(mode="json"),
-        "config_digest": cfg_digest,
-        "input_digest": input_digest,
-        "output_digest": dir_digest(partial),
-        "evaluation_digest": eval_digest,
-        "artifact": result.artifact,
-        "artifact_format": stage.produces,
-        "artifact_path": str(final / result.artifact),
-        "teacher_path": str(teacher_dir),
-        "stage_metrics": result.metrics,
-        "metrics": metrics,
-        "gates": [],
-        "started": started,
-        "finished": now(),
-        "seconds": seconds,
-        "versions": library_versions(),
-        "seed": recipe.seed,
-    }
-    write_json_atomic(partial / MANIFEST, manifest)
+    manifest = Manifest(
+        stage=stage.name,
+        kind=stage.kind,
+        index=index,
+        config=stage.model_dump(mode="json"),
+        config_digest=cfg_digest,
+        input_digest=input_digest,
+        output_digest=dir_digest(partial),
+        evaluation_digest=eval_digest,
+        artifact=result.artifact,
+        artifact_format=stage.produces,
+        artifact_path=str(final / result.artifact),
+        teacher_path=str(teacher_dir),
+        stage_metrics=result.metrics,
+        metrics=metrics,
+        started=started,
+        finished=now(),
+        seconds=seconds,
+        versions=library_versions(),
+        seed=recipe.seed,
+    )
+    write_manifest(partial, manifest)
     kept = commit_partial(layout, index, stage.name)
     if kept:
         status(f"[yellow]the outdated {final.name}/ held files slimlm did not write; it is kept as {kept}[/]")
     shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoints are no longer needed once the stage is committed
-    return {**manifest, "_reused": False}
+    return manifest, False
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
-    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    # and the headline of each nested section (the report has the rest)
-    if "agreement" in metrics:
-        shown["agreement.top1"] = metrics["agreement"]["top1"]
-    for task, values in metrics.get("tasks", {}).items():
-        headline = next((m for m in ("acc", "word_perplexity") if m in values), None)
-        if headline:
-            shown[f"tasks.{task}.{headline}"] = values[headline]
-    if "speed" in metrics:
-        shown["speed.decode_tokens_per_s"] = metrics["speed"]["decode_tokens_per_s"]
+    """The stage's own figures (train_loss, ...) and the run's headline metrics."""
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    shown |= headline_values(metrics)
     status("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v:,}" for k, v in shown.items()))

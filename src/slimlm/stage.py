@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from slimlm.errors import RecipeError
+
 if TYPE_CHECKING:
-    from slimlm.recipe import Recipe
     from slimlm.sources.text import DataStore
 
 # Artifact formats a stage can consume or produce.
@@ -88,12 +89,25 @@ class StageConfig(Strict):
         """Fields that name a recipe data source (checked against the recipe's `data:` section)."""
         return {}
 
+    @property
+    def corrects_teacher(self) -> bool:
+        """Teacher correction: whether the stages after this one take its output as their teacher."""
+        return False
+
+    def launch_options(self) -> Any | None:
+        """How many processes the stage asks for (see launch.py: `processes` and an accelerate `config`); None for one."""
+        return None
+
+
+def field_error(config: StageConfig, field: str, message: str) -> RecipeError:
+    """A recipe mistake that only shows once the stage sees its input (a size larger than the model's, say)."""
+    return RecipeError(f"stage '{config.name}', field '{field}': {message}")
+
 
 @dataclass
 class StageContext:
     """What the runner hands a stage."""
 
-    recipe: Recipe
     input_dir: Path  # the previous stage's artifact (the teacher for the first stage)
     teacher_dir: Path
     output_dir: Path  # an empty folder; write the artifact here
@@ -101,6 +115,8 @@ class StageContext:
     data: DataStore
     device: str
     seed: int
+    dtype: str = "float32"  # the recipe's dtype: what a stage saves full-precision weights in
+    trust_remote_code: bool = False
 
 
 @dataclass

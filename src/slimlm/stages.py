@@ -1,16 +1,37 @@
-"""The registry of stage kinds: each kind's config class and its `run` function, in one place."""
+"""The registry of stage kinds: each kind's config class and the module whose `run(config, context)` does the work.
+
+Config modules import only pydantic, so a recipe validates (`slimlm plan`) without torch; a stage's module,
+which imports torch and the libraries it uses, is imported when a stage of that kind runs.
+"""
 
 from __future__ import annotations
 
-from slimlm.compress import stage as prune
-from slimlm.distill import stage as distill
-from slimlm.quantize import bnb, cast, export
+import importlib
+from dataclasses import dataclass
 
-# kind -> (config class, run function)
+from slimlm.cast.config import CastConfig
+from slimlm.compress.config import PruneConfig
+from slimlm.distill.config import DistillConfig
+from slimlm.export.config import ExportConfig
+from slimlm.quantize.config import BitsAndBytesStageConfig
+from slimlm.stage import StageConfig, StageFn
+
+
+@dataclass(frozen=True)
+class StageKind:
+    config: type[StageConfig]
+    module: str  # holds `run(config, context) -> StageResult`
+
+    @property
+    def run(self) -> StageFn:
+        return importlib.import_module(self.module).run
+
+
 STAGES = {
-    "prune": (prune.PruneConfig, prune.run),
-    "distill": (distill.DistillConfig, distill.run),
-    "cast": (cast.CastConfig, cast.run),
-    "export": (export.ExportConfig, export.run),
-    "bitsandbytes": (bnb.BitsAndBytesStageConfig, bnb.run),
+    "prune": StageKind(PruneConfig, "slimlm.compress.stage"),
+    "distill": StageKind(DistillConfig, "slimlm.distill.stage"),
+    "cast": StageKind(CastConfig, "slimlm.cast.stage"),
+    "export": StageKind(ExportConfig, "slimlm.export.stage"),
+    "bitsandbytes": StageKind(BitsAndBytesStageConfig, "slimlm.quantize.bnb"),
 }
+STAGE_KINDS: tuple[type[StageConfig], ...] = tuple(kind.config for kind in STAGES.values())

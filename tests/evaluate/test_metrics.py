@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slimlm.evaluate.gates import check_gate, failure_message, metric_value
+from slimlm.evaluate.catalogue import metric_value
+from slimlm.evaluate.gates import check_gate, failure_message
 from slimlm.evaluate.perplexity import perplexity, torch_logits
 from slimlm.evaluate.size import parameter_counts
 from slimlm.stage import Gate
@@ -49,17 +50,15 @@ def test_gates_absolute_and_relative():
         {"perplexity": 12.0},
         {"perplexity": 14.0, "agreement": {"top1": 0.9}},
     )
-    assert check_gate(Gate(metric="perplexity", max_ratio=1.5, relative_to="teacher"), stage, teacher, previous)[
-        "passed"
-    ]
+    assert check_gate(Gate(metric="perplexity", max_ratio=1.5, relative_to="teacher"), stage, teacher, previous).passed
     verdict = check_gate(Gate(metric="perplexity", max_ratio=1.1, relative_to="previous"), stage, teacher, previous)
-    assert not verdict["passed"] and verdict["reference"] == 12.0 and verdict["bounds"] == ["<= 13.2"]
-    assert check_gate(Gate(metric="agreement.top1", min=0.85), stage, teacher, previous)["passed"]
-    assert not check_gate(Gate(metric="agreement.top1", min=0.95), stage, teacher, previous)["passed"]
+    assert not verdict.passed and verdict.reference == 12.0 and verdict.bounds == ["<= 13.2"]
+    assert check_gate(Gate(metric="agreement.top1", min=0.85), stage, teacher, previous).passed
+    assert not check_gate(Gate(metric="agreement.top1", min=0.95), stage, teacher, previous).passed
     recovery = Gate(metric="accuracy", min_ratio=0.95, relative_to="teacher")
-    assert check_gate(recovery, {"accuracy": 0.96}, {"accuracy": 1.0}, {})["passed"]
-    assert not check_gate(recovery, {"accuracy": 0.94}, {"accuracy": 1.0}, {})["passed"]
-    assert not check_gate(recovery, {}, {"accuracy": 1.0}, {})["passed"]  # not measured never passes
+    assert check_gate(recovery, {"accuracy": 0.96}, {"accuracy": 1.0}, {}).passed
+    assert not check_gate(recovery, {"accuracy": 0.94}, {"accuracy": 1.0}, {}).passed
+    assert not check_gate(recovery, {}, {"accuracy": 1.0}, {}).passed  # not measured never passes
     assert metric_value({"a": {"b": 2}}, "a.b") == 2.0 and metric_value({"a": 1}, "a.b") is None
 
 
@@ -68,11 +67,11 @@ def test_above_chance_recovery_gates_pass_and_fail_on_the_threshold():
     teacher = {"tasks": {"piqa": {"acc": 0.70, "chance": 0.5}}}
     # bound: 0.5 + 0.9 x (0.70 - 0.5) = 0.68; a plain 0.9 x teacher ratio would have asked only 0.63
     passing = check_gate(gate, {"tasks": {"piqa": {"acc": 0.69, "chance": 0.5}}}, teacher, {})
-    assert passing["passed"] and passing["recovery"] == pytest.approx(0.95) and passing["bounds"] == [">= 0.68"]
+    assert passing.passed and passing.recovery == pytest.approx(0.95) and passing.bounds == [">= 0.68"]
     failing = check_gate(gate, {"tasks": {"piqa": {"acc": 0.65, "chance": 0.5}}}, teacher, {})
-    assert not failing["passed"] and failing["recovery"] == pytest.approx(0.75)
+    assert not failing.passed and failing.recovery == pytest.approx(0.75)
     assert "above-chance recovery 0.750" in failure_message("distill", failing)
     no_chance = check_gate(gate, {"tasks": {"piqa": {"acc": 0.9}}}, teacher, {})
-    assert not no_chance["passed"] and "no chance level" in failure_message("distill", no_chance)
+    assert not no_chance.passed and "no chance level" in failure_message("distill", no_chance)
     with pytest.raises(ValueError, match="above_chance bounds a recovery ratio"):
         Gate(metric="tasks.piqa.acc", min=0.5, above_chance=True)

@@ -16,8 +16,8 @@ from slimlm.evaluate.perplexity import torch_logits
 from slimlm.evaluate.spec import LmEvalSpec, SpeedEval, TaskSpec
 from slimlm.evaluate.speed import measure_speed
 from slimlm.evaluate.tasks import continuation_examples, run_tasks, write_local_tasks
-from slimlm.quantize.onnx_export import export_onnx
-from slimlm.recipe import DataSpec
+from slimlm.export.onnx_graph import export_onnx
+from slimlm.sources.specs import DataSpec
 from slimlm.sources.text import DataStore
 
 MC_TEMPLATES = {"text": "{{question}}", "choices": "{{options}}", "target": "{{answer}}"}

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from slimlm.edge import EdgeModel
 from slimlm.errors import StageFailed
+from slimlm.export.graph_quantize import quantize_weights
+from slimlm.export.onnx_graph import export_onnx
 from slimlm.quantize.gptq import gptq, quantize_layer
-from slimlm.quantize.onnx_export import export_onnx
-from slimlm.quantize.ort_quantize import quantize_weights
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slimlm.edge import EdgeModel
-from slimlm.quantize.onnx_export import export_onnx
-from slimlm.quantize.ort_quantize import quantize_weights
+from slimlm.export.graph_quantize import quantize_weights
+from slimlm.export.onnx_graph import export_onnx
 from slimlm.quantize.smooth import smooth
 from tests.conftest import FAMILIES
 

@@ -11,9 +11,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from slimlm.errors import SourceError
-from slimlm.recipe import DataSpec
 from slimlm.sources import models
 from slimlm.sources.models import check_model_dir, fetch_from_wheel, load_model, resolve_model
+from slimlm.sources.specs import DataSpec
 from slimlm.sources.text import DataStore, load_documents, pack_tokens, python_docs, token_stream
 
 

@@ -7,14 +7,11 @@ distance across a contiguous block (Gromov et al.).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from slimlm import arch
+from slimlm.compress.config import DepthMethod
 from slimlm.compress.surgery import KeepPlan, Shape, weight_axes
-
-DepthMethod = Literal["block_importance", "perplexity", "contiguous"]
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -6,17 +6,15 @@ import dataclasses
 import shutil
 import time
 from collections.abc import Callable
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 
 from slimlm import arch
+from slimlm.compress.config import SIZE_FIELDS, PruneConfig
 from slimlm.compress.importance import collect_importance, layer_removal_loss
 from slimlm.compress.search import candidate_shapes, kl_to_teacher, lm_loss
-from slimlm.compress.select import DepthMethod, choose_layers, magnitude_scores, random_scores, select_plan
+from slimlm.compress.select import choose_layers, magnitude_scores, random_scores, select_plan
 from slimlm.compress.surgery import KeepPlan, Shape, predict_parameters, prune_checkpoint, prune_model
-from slimlm.errors import RecipeError
 from slimlm.progress import status, track
 from slimlm.sources.models import (
     load_model,
@@ -26,82 +24,7 @@ from slimlm.sources.models import (
     return_freed_memory_to_the_os,
     save_model,
 )
-from slimlm.stage import StageConfig, StageContext, StageResult, Strict
-
-SIZE_FIELDS = ("hidden", "ffn", "heads", "kv_heads", "layers")
-
-
-class PruneTarget(Strict):
-    """Either a parameter budget (a fraction of the input model, or an absolute count) or explicit sizes."""
-
-    params: float | None = Field(None, gt=0)
-    nonembedding_params: float | None = Field(None, gt=0)
-    hidden: int | None = Field(None, ge=1)
-    ffn: int | None = Field(None, ge=1)
-    heads: int | None = Field(None, ge=1)
-    kv_heads: int | None = Field(None, ge=1)
-    layers: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> PruneTarget:
-        budgets = [b for b in (self.params, self.nonembedding_params) if b is not None]
-        sizes = [getattr(self, f) for f in SIZE_FIELDS if getattr(self, f) is not None]
-        if len(budgets) > 1:
-            raise ValueError("give one budget: params or nonembedding_params")
-        if budgets and sizes:
-            raise ValueError("give either a budget (params / nonembedding_params) or explicit sizes, not both")
-        if not budgets and not sizes:
-            raise ValueError("give a budget (params: 0.7) or explicit sizes (hidden, ffn, heads, kv_heads, layers)")
-        return self
-
-
-class WidthOptions(Strict):
-    method: Literal["activation", "magnitude", "random"] = "activation"
-    axes: list[Literal["heads", "mlp", "hidden"]] = ["heads", "mlp", "hidden"]
-    sequence: Literal["mean", "l2"] = "mean"  # how activations are reduced over the sequence...
-    batch: Literal["l2", "mean"] = "l2"  # ...and then over the batch (Minitron's best: mean, then L2)
-
-
-class DepthOptions(Strict):
-    method: DepthMethod = "block_importance"
-
-
-class SearchOptions(Strict):
-    candidates: int = Field(6, ge=1)
-    proxy: Literal["kl", "perplexity"] = "kl"
-    proxy_samples: int = Field(4, ge=1)
-    tolerance: float = Field(0.05, gt=0, lt=1)
-
-
-class PruneConfig(StageConfig):
-    kind: Literal["prune"]
-    calibration: str = "calibration"
-    target: PruneTarget
-    width: WidthOptions = WidthOptions()
-    depth: DepthOptions | None = None  # lets a budget search drop layers; target.layers implies it
-    search: SearchOptions = SearchOptions()
-    round_to: int = Field(32, ge=1)
-    batch_size: int = Field(4, ge=1)
-    offload: Literal["disk", "cpu"] | None = Field(
-        None,
-        description="keep the decoder layers on disk (or, on a GPU host, in CPU memory) and stream each through "
-        "the device when it runs, for models bigger than memory; the pruned model is written weight by weight",
-    )
-
-    metrics = frozenset({"importance_seconds", "calibration_tokens"})
-
-    @model_validator(mode="after")
-    def _offload_needs_activations(self) -> PruneConfig:
-        if self.offload and self.width.method == "magnitude":
-            raise ValueError("offload streams activations, not weights: use width.method activation (or random)")
-        return self
-
-    def data_references(self) -> dict[str, str]:
-        return {"calibration": self.calibration}
-
-
-def _field_error(config: PruneConfig, field: str, message: str) -> RecipeError:
-    return RecipeError(f"stage '{config.name}', field '{field}': {message}")
+from slimlm.stage import StageContext, StageResult, field_error
 
 
 def explicit_shape(config: PruneConfig, base: Shape) -> Shape:
@@ -109,24 +32,24 @@ def explicit_shape(config: PruneConfig, base: Shape) -> Shape:
     shape = base.replace(**{f: getattr(target, f) for f in SIZE_FIELDS})
     for field in SIZE_FIELDS:
         if getattr(shape, field) > getattr(base, field):
-            raise _field_error(
+            raise field_error(
                 config, f"target.{field}", f"{getattr(shape, field)} is larger than the model's {getattr(base, field)}"
             )
     if shape.heads % shape.kv_heads:
-        raise _field_error(
+        raise field_error(
             config,
             "target.heads",
             f"{shape.heads} query heads do not divide evenly into {shape.kv_heads} key/value groups",
         )
     if shape.hidden % shape.heads:
-        raise _field_error(
+        raise field_error(
             config,
             "target.hidden",
             f"{shape.hidden} is not a multiple of {shape.heads} heads, which transformers' Llama and Gemma configs "
             "require (the pruned model would not load); choose a hidden size or head count that divide",
         )
     if shape.heads // shape.kv_heads > base.heads // base.kv_heads:
-        raise _field_error(
+        raise field_error(
             config,
             "target.heads",
             f"{shape.heads} heads over {shape.kv_heads} groups needs more heads per group "
@@ -136,8 +59,8 @@ def explicit_shape(config: PruneConfig, base: Shape) -> Shape:
 
 
 def run(config: PruneConfig, context: StageContext) -> StageResult:
-    trust = context.recipe.trust_remote_code
-    dtype = context.recipe.dtype
+    trust = context.trust_remote_code
+    dtype = context.dtype
     return_freed_memory_to_the_os()  # weights are loaded and dropped one at a time below; keep the peak honest
     if config.offload:
         model = load_model_offloaded(
@@ -246,7 +169,7 @@ def search(
     full = predict_parameters(model, base)[kind]
     budget = round(value * full) if value <= 1 else round(value)
     if budget > full:
-        raise _field_error(config, f"target.{kind}", f"{budget:,} is more than the model's {full:,} parameters")
+        raise field_error(config, f"target.{kind}", f"{budget:,} is more than the model's {full:,} parameters")
     found = candidate_shapes(
         base,
         axes=set(config.width.axes),
@@ -258,7 +181,7 @@ def search(
         count=lambda s: predict_parameters(model, s)[kind],
     )
     if not found:
-        raise _field_error(
+        raise field_error(
             config,
             f"target.{kind}",
             f"no shape with widths in multiples of {config.round_to} fits {budget:,} parameters "
@@ -306,7 +229,7 @@ def _candidate(config: PruneConfig, model, plan: KeepPlan, shape: Shape, context
         folder,
         context.work_dir / "offload-candidate",
         to=config.offload,
-        dtype=context.recipe.dtype,
+        dtype=context.dtype,
         device=context.device,
-        trust_remote_code=context.recipe.trust_remote_code,
+        trust_remote_code=context.trust_remote_code,
     )

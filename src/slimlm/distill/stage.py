@@ -7,106 +7,17 @@ hidden-state loss with learned projections when widths differ.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
-
 import torch
 from accelerate import Accelerator
-from pydantic import Field, model_validator
 
 from slimlm import arch
-from slimlm.distill.launch import in_launched_process, run_launched
+from slimlm.distill.config import DistillConfig
 from slimlm.distill.losses import LOGIT_LOSSES, hidden_state_loss, layer_mapping, top_k_teacher
 from slimlm.distill.train import TrainPlan, train
-from slimlm.errors import RecipeError, SourceError
+from slimlm.errors import SourceError
 from slimlm.progress import status, track
 from slimlm.sources.models import load_model, load_tokenizer, save_model
-from slimlm.stage import StageConfig, StageContext, StageResult, Strict
-
-
-class LossOptions(Strict):
-    logits: Literal["forward_kl", "reverse_kl", "jsd", "none"] = "forward_kl"
-    temperature: float = Field(1.0, gt=0)
-    jsd_beta: float = Field(0.5, gt=0, lt=1)
-    top_k: int | None = Field(None, ge=1, description="compare on the teacher's top-k tokens only")
-    ce_weight: float = Field(0.0, ge=0, description="weight of cross-entropy on the data's next tokens")
-    hidden: Literal["cosine", "mse"] | None = None
-    hidden_weight: float = Field(1.0, ge=0)
-
-    @model_validator(mode="after")
-    def _some_loss(self) -> LossOptions:
-        if self.logits == "none" and self.ce_weight == 0 and self.hidden is None:
-            raise ValueError("the loss is empty: set logits, ce_weight or hidden")
-        return self
-
-
-class LoraOptions(Strict):
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class LaunchOptions(Strict):
-    """Train in several processes: DDP over `processes` local ones, or an accelerate config (FSDP, DeepSpeed)."""
-
-    processes: int = Field(1, ge=1, description="local processes for DDP (gloo on CPU, NCCL on GPUs)")
-    config: str | None = Field(None, description="an accelerate config file, e.g. configs/accelerate/fsdp.yaml")
-
-    @model_validator(mode="after")
-    def _config_exists(self) -> LaunchOptions:
-        if self.config is not None and not Path(self.config).is_file():
-            raise ValueError(
-                f"accelerate config {self.config} does not exist (paths are relative to the current directory; "
-                "slimlm ships configs/accelerate/fsdp.yaml and deepspeed-zero3.yaml)"
-            )
-        return self
-
-    @property
-    def distributed(self) -> bool:
-        return self.processes > 1 or self.config is not None
-
-
-class DistillConfig(StageConfig):
-    kind: Literal["distill"]
-    data: str = "train"
-    method: Literal["full", "lora", "qlora"] = "lora"  # qlora: LoRA on a 4-bit (NF4) base, merged into full precision
-    lora: LoraOptions = LoraOptions()
-    loss: LossOptions = LossOptions()
-    tokens: int | None = Field(None, ge=1, description="token budget (global); or give steps")
-    steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints; 0 disables them")
-    becomes_teacher: bool = Field(
-        False, description="teacher correction: later stages use this output as their teacher"
-    )
-    launch: LaunchOptions = LaunchOptions()
-
-    metrics = frozenset({"train_loss", "train_tokens", "tokens_per_second"})
-
-    @model_validator(mode="after")
-    def _budget(self) -> DistillConfig:
-        if (self.tokens is None) == (self.steps is None):
-            raise ValueError("give exactly one budget: tokens or steps")
-        return self
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.loss.logits != "none" or self.loss.hidden is not None
-
-    def data_references(self) -> dict[str, str]:
-        return {"data": self.data}
-
-
-def _field_error(config: DistillConfig, field: str, message: str) -> RecipeError:
-    return RecipeError(f"stage '{config.name}', field '{field}': {message}")
+from slimlm.stage import StageContext, StageResult, field_error
 
 
 class Student(torch.nn.Module):
@@ -136,9 +47,7 @@ def check_tokenizers(student_tok, teacher_tok) -> None:
 
 
 def run(config: DistillConfig, context: StageContext) -> StageResult:
-    if config.launch.distributed and not in_launched_process():
-        return run_launched(config, context)  # comes back here in each launched process
-    recipe, trust = context.recipe, context.recipe.trust_remote_code
+    trust = context.trust_remote_code
     tokenizer = load_tokenizer(context.input_dir, trust_remote_code=trust)
     check_tokenizers(tokenizer, load_tokenizer(context.teacher_dir, trust_remote_code=trust))
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=context.device == "cpu")
@@ -152,7 +61,7 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
     if config.needs_teacher:  # cross-entropy alone (e.g. teacher correction) trains without one
         teacher = load_model(
             context.teacher_dir,
-            dtype=config.teacher_dtype or recipe.dtype,
+            dtype=config.teacher_dtype or context.dtype,
             device=str(accelerator.device),
             trust_remote_code=trust,
         )
@@ -163,7 +72,7 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
     world = accelerator.num_processes
     tokens_per_step = config.batch_size * world * config.grad_accum * blocks.shape[1]
     if config.tokens is not None and config.tokens < tokens_per_step:
-        raise _field_error(
+        raise field_error(
             config,
             "tokens",
             f"{config.tokens:,} tokens is less than one optimizer step "
@@ -238,7 +147,7 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
     elif config.method == "qlora":  # merge the adapter into the full-precision weights, not the 4-bit ones
         trained = _merge_into_full_precision(trained, context.input_dir, config, trust)
     if accelerator.is_main_process:
-        save_model(trained.to(getattr(torch, recipe.dtype)), tokenizer, context.output_dir / "model")
+        save_model(trained.to(getattr(torch, context.dtype)), tokenizer, context.output_dir / "model")
     new_tokens = log.tokens - log.resumed_from * tokens_per_step
     tail = log.losses[-10:]
     return StageResult(
@@ -256,17 +165,13 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
 
 def _load_4bit(path, device: str, trust: bool):
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    from slimlm.quantize.bnb import odd_width_modules
+    from slimlm.quantize.bnb import four_bit_config, odd_width_modules
 
-    skip = odd_width_modules(path, trust) + ["lm_head"]
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-        llm_int8_skip_modules=skip,
+    quantization = four_bit_config(
+        odd_width_modules(path, trust) + ["lm_head"],
+        compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
     )
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=quantization, device_map=device, trust_remote_code=trust
@@ -290,7 +195,7 @@ def _with_lora(model, config: DistillConfig):
     missing = [t for t in config.lora.target_modules if t not in names]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise _field_error(
+        raise field_error(
             config, "lora.target_modules", f"{missing} not found in the model; its linear layers are {linear}"
         )
     lora = LoraConfig(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from slimlm.artifacts import atomic_write, temporary_beside
 from slimlm.errors import StageFailed
 
 
@@ -150,14 +150,15 @@ def train(
 
 def save_checkpoint(accelerator: Accelerator, checkpoints: Path, step: int, log: TrainLog) -> None:
     final = checkpoints / f"step-{step:08d}"
-    tmp = checkpoints / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": log.losses, "tokens": log.tokens}))
-        os.replace(tmp, final)
+    main = accelerator.is_main_process
+    # every process writes its part of the state into one folder; the main one renames it when all are done
+    with atomic_write(final) if main else contextlib.nullcontext(temporary_beside(final)) as tmp:
+        accelerator.wait_for_everyone()  # the main process has cleared what a killed attempt left
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if main:
+            (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": log.losses, "tokens": log.tokens}))
+    if main:
         for old in checkpoints.glob("step-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from slimlm.evaluate.catalogue import metric_value
+from slimlm.manifest import GateVerdict
 from slimlm.stage import Gate
 
 
-def metric_value(metrics: dict[str, Any], name: str) -> float | None:
-    """Look up a metric by dotted name (`agreement.top1`) in a nested metrics dict."""
-    value: Any = metrics
-    for part in name.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def check_gate(gate: Gate, metrics: dict, teacher: dict, previous: dict) -> dict[str, Any]:
+def check_gate(gate: Gate, metrics: dict, teacher: dict, previous: dict) -> GateVerdict:
     """One verdict: the measured value, every bound it was held to, and whether it passed."""
     value = metric_value(metrics, gate.metric)
     bounds: list[tuple[str, float]] = []  # (operator, bound)
@@ -40,18 +30,18 @@ def check_gate(gate: Gate, metrics: dict, teacher: dict, previous: dict) -> dict
                 recovery = (value - chance) / (reference - chance)
     measurable = value is not None and (gate.relative_to is None or reference is not None)
     passed = measurable and all(value >= b if op == ">=" else value <= b for op, b in bounds)
-    verdict = {
-        "gate": describe_gate(gate),
-        "metric": gate.metric,
-        "value": value,
-        "relative_to": gate.relative_to,
-        "reference": reference,
-        "bounds": [f"{op} {b:.6g}" for op, b in bounds],
-        "passed": bool(passed),
-    }
-    if gate.above_chance:
-        verdict.update(chance=chance, recovery=recovery)
-    return verdict
+    return GateVerdict(
+        gate=describe_gate(gate),
+        metric=gate.metric,
+        value=value,
+        relative_to=gate.relative_to,
+        reference=reference,
+        bounds=[f"{op} {b:.6g}" for op, b in bounds],
+        passed=bool(passed),
+        above_chance=gate.above_chance,
+        chance=chance if gate.above_chance else None,
+        recovery=recovery,
+    )
 
 
 def describe_gate(gate: Gate) -> str:
@@ -68,18 +58,26 @@ def describe_gate(gate: Gate) -> str:
     return " and ".join(parts)
 
 
-def failure_message(stage: str, verdict: dict[str, Any]) -> str:
-    if verdict["value"] is None:
-        return f"gate '{verdict['gate']}' after stage '{stage}' failed: {verdict['metric']} was not measured"
-    if verdict.get("chance", 0.0) is None:
-        return f"gate '{verdict['gate']}' after stage '{stage}' failed: {verdict['metric']} has no chance level (not a multiple-choice task)"
-    if verdict["reference"] is None and verdict["relative_to"] is not None:
-        return f"gate '{verdict['gate']}' after stage '{stage}' failed: the reference value of {verdict['metric']} is missing"
-    ref = f" (reference {verdict['reference']:.6g})" if verdict["reference"] is not None else ""
-    if verdict.get("recovery") is not None:
-        ref += f"; above-chance recovery {verdict['recovery']:.3f} (chance {verdict['chance']:.4g})"
+def failure_message(stage: str, verdict: GateVerdict) -> str:
+    failed = f"gate '{verdict.gate}' after stage '{stage}' failed"
+    if verdict.value is None:
+        return f"{failed}: {verdict.metric} was not measured"
+    if verdict.above_chance and verdict.chance is None:
+        return f"{failed}: {verdict.metric} has no chance level (not a multiple-choice task)"
+    if verdict.reference is None and verdict.relative_to is not None:
+        return f"{failed}: the reference value of {verdict.metric} is missing"
+    ref = f" (reference {verdict.reference:.6g})" if verdict.reference is not None else ""
+    if verdict.recovery is not None:
+        ref += f"; above-chance recovery {verdict.recovery:.3f} (chance {verdict.chance:.4g})"
     return (
-        f"gate '{verdict['gate']}' after stage '{stage}' failed: measured {verdict['metric']} = "
-        f"{verdict['value']:.6g}, required {' and '.join(verdict['bounds'])}{ref}. The stage's output is kept; "
-        f"relax the gate or change the stage, then run again"
+        f"{failed}: measured {verdict.metric} = {verdict.value:.6g}, required {' and '.join(verdict.bounds)}{ref}. "
+        "The stage's output is kept; relax the gate or change the stage, then run again"
     )
+
+
+def describe_verdict(verdict: GateVerdict) -> str:
+    """What was measured, for the run log and the report: `0.91`, `0.91, above-chance recovery 0.713`, `not measured`."""
+    if verdict.value is None:
+        return "not measured"
+    text = f"{verdict.value:.6g}"
+    return text + (f", above-chance recovery {verdict.recovery:.3f}" if verdict.recovery is not None else "")

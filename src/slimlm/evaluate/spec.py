@@ -23,12 +23,18 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from slimlm.evaluate.catalogue import (
+    AGREEMENT,
+    MULTIPLE_CHOICE_METRICS,
+    PEAK_MEMORY,
+    PERPLEXITY,
+    PERPLEXITY_METRICS,
+    SPEED,
+)
 from slimlm.evaluate.templates import template_fields, template_problem
 from slimlm.stage import PLAIN_NAME, Strict
 
 # Metrics lm-eval reports for the task types slimlm writes itself; `chance` is slimlm's (1/choices averaged).
-MULTIPLE_CHOICE_METRICS = ("acc", "acc_norm", "chance")
-PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
 class PerplexityEval(Strict):
@@ -125,13 +131,13 @@ class Evaluation(Strict):
         """Names a gate may use. `tasks.NAME.*` stands for a built-in task's metrics, known once it has run."""
         names: set[str] = set()
         if self.perplexity:
-            names.add("perplexity")
+            names.add(PERPLEXITY)
         if self.agreement:
-            names |= {"agreement.top1", "agreement.kl"}
+            names |= set(AGREEMENT)
         if self.speed:
-            for suffix in ("", f"_b{self.speed.batch_size}"):
-                names |= {f"speed.prefill_tokens_per_s{suffix}", f"speed.decode_tokens_per_s{suffix}"}
-            names.add("speed.peak_memory_bytes")
+            for suffix in ("", f"_b{self.speed.batch_size}"):  # the batched figures carry the batch size
+                names |= {f"{name}{suffix}" for name in SPEED}
+            names.add(PEAK_MEMORY)
         for task in self.lm_eval.tasks if self.lm_eval else []:
             metrics = task.metric_names() or ("*",)
             names |= {f"tasks.{task.name}.{m}" for m in metrics}

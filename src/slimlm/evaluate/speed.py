@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slimlm.errors import StageFailed
+from slimlm.errors import StageFailed, last_line
 from slimlm.evaluate.spec import SpeedEval
 
 
@@ -28,8 +28,7 @@ def measure_speed(path: Path, spec: SpeedEval, *, dtype: str, device: str, trust
         [sys.executable, "-m", "slimlm.evaluate.speed", json.dumps(args)], capture_output=True, text=True
     )
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise StageFailed(f"speed measurement of {path} failed: {tail}")
+        raise StageFailed(f"speed measurement of {path} failed: {last_line(proc)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from slimlm.errors import StageFailed
-from slimlm.evaluate.spec import PERPLEXITY_METRICS, LmEvalSpec, TaskSpec, resolve_path
+from slimlm.evaluate.catalogue import PERPLEXITY_METRICS
+from slimlm.evaluate.spec import LmEvalSpec, TaskSpec, resolve_path
 from slimlm.evaluate.templates import sandboxed_lm_eval
 from slimlm.progress import LibraryBar
 

@@ -1,1 +1,1 @@
-"""Quantization and export of model artifacts: dtype casts, bitsandbytes, ONNX."""
+"""Quantization on the torch side: calibration, SmoothQuant, GPTQ, and bitsandbytes for GPU serving."""

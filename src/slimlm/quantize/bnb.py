@@ -9,25 +9,13 @@ run on any host, with nothing to patch after loading.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
+from slimlm.quantize.config import BitsAndBytesStageConfig
 from slimlm.sources.models import load_tokenizer, save_model
-from slimlm.stage import HF, HF_QUANTIZED, StageConfig, StageContext, StageResult
+from slimlm.stage import StageContext, StageResult
 
 KERNEL_MULTIPLE = 32
-
-
-class BitsAndBytesStageConfig(StageConfig):
-    kind: Literal["bitsandbytes"]
-    bits: Literal[8, 4] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-
-    consumes = frozenset({HF})
-    produces = HF_QUANTIZED
 
 
 def odd_width_modules(path, trust_remote_code: bool = False) -> list[str]:
@@ -44,20 +32,29 @@ def odd_width_modules(path, trust_remote_code: bool = False) -> list[str]:
     ]
 
 
+def four_bit_config(skip: list[str], quant_type: str = "nf4", double_quant: bool = True, compute_dtype=torch.bfloat16):
+    """transformers' 4-bit `BitsAndBytesConfig`, with the layers bitsandbytes' kernels cannot take left out."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=skip,
+    )
+
+
 def run(config: BitsAndBytesStageConfig, context: StageContext) -> StageResult:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    trust = context.recipe.trust_remote_code
+    trust = context.trust_remote_code
     skip = odd_width_modules(context.input_dir, trust) + ["lm_head"]
     if config.bits == 8:
         quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     else:
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=config.quant_type,
-            bnb_4bit_use_double_quant=config.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype),
-            llm_int8_skip_modules=skip,
+        quantization = four_bit_config(
+            skip, config.quant_type, config.double_quant, compute_dtype=getattr(torch, config.compute_dtype)
         )
     model = AutoModelForCausalLM.from_pretrained(
         context.input_dir, quantization_config=quantization, device_map=context.device, trust_remote_code=trust

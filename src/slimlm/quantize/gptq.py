@@ -21,7 +21,7 @@ import torch
 from slimlm.errors import StageFailed
 from slimlm.progress import track
 from slimlm.quantize.calibration import record_linear_inputs
-from slimlm.quantize.ort_quantize import matches
+from slimlm.quantize.layers import matches
 
 
 @torch.no_grad()

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from slimlm.artifacts import config_digest, dir_digest
+from slimlm.artifacts import atomic_write, config_digest, dir_digest
 from slimlm.errors import SourceError
 from slimlm.progress import status, track
 
 if TYPE_CHECKING:
-    from slimlm.recipe import GenerateSpec
+    from slimlm.sources.specs import GenerateSpec
 
 
 def generated_documents(
@@ -63,8 +62,6 @@ def generated_documents(
             produced += len(new)
             docs.append(tokenizer.decode(prompt + new, skip_special_tokens=True))
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-        os.replace(tmp, cache)
+        with atomic_write(cache) as tmp:
+            tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return docs

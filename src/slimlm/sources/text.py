@@ -20,7 +20,7 @@ from slimlm.errors import SourceError
 if TYPE_CHECKING:
     import torch
 
-    from slimlm.recipe import DataSpec
+    from slimlm.sources.specs import DataSpec
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 

@@ -20,11 +20,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimlm.edge import EdgeModel
-from slimlm.quantize.client_layout import prepare_for_clients
-from slimlm.quantize.clients import CLIENTS, clients_home, known_limitation, run_client, unavailable
-from slimlm.quantize.export import build_genai, linear_weights
-from slimlm.quantize.onnx_export import export_onnx
-from slimlm.quantize.ort_quantize import quantize_weights
+from slimlm.export.client_layout import prepare_for_clients
+from slimlm.export.clients import CLIENTS, clients_home, known_limitation, run_client, unavailable
+from slimlm.export.genai import build_genai
+from slimlm.export.graph_quantize import quantize_weights
+from slimlm.export.onnx_graph import export_onnx
+from slimlm.export.stage import linear_weights
 from slimlm.sources.text import python_docs
 from tests.conftest import FAMILIES, INSTALLED_CLIENTS, STORIES, build_tiny, needs_shared
 

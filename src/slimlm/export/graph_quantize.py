@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
 
-from slimlm.quantize.onnx_export import ONNX_FILE, copy_side_files
+from slimlm.export.onnx_graph import ONNX_FILE, copy_side_files
+from slimlm.quantize.layers import matches
 
 
 def quantize_weights(
@@ -82,11 +82,6 @@ def quantize_weights(
     onnx.save_model(model, str(dst / ONNX_FILE), save_as_external_data=True, location=ONNX_FILE + ".data")
     copy_side_files(src, dst)
     return dst / ONNX_FILE
-
-
-def matches(name: str, patterns: Sequence[str]) -> bool:
-    """`down_proj` names every layer's down_proj; `model.layers.0.*` globs whole module names."""
-    return any(fnmatchcase(name, p) or fnmatchcase(name.rsplit(".", 1)[-1], p) for p in patterns)
 
 
 def linear_layers(model, linears: Mapping[str, np.ndarray] | None = None) -> dict[str, str]:

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from slimlm.edge import EdgeModel
 from slimlm.errors import PromptTooLong, SourceError
-from slimlm.quantize.clients import unavailable
-from slimlm.quantize.onnx_export import export_onnx
+from slimlm.export.clients import unavailable
+from slimlm.export.onnx_graph import export_onnx
 from slimlm.recipe import load_recipe
 from slimlm.runner import run_recipe
 from tests.conftest import FAMILIES
@@ -43,7 +43,7 @@ def test_fp32_onnx_matches_pytorch_over_prompt_and_cached_decode(family, tiny_mo
 
 def test_the_genai_graph_decodes_in_one_cache_buffer_as_pytorch_does(tiny_models, tmp_path):
     """onnxruntime-genai's graph updates the cache in place (one buffer per layer, bound as input and output)."""
-    from slimlm.quantize.export import build_genai
+    from slimlm.export.genai import build_genai
 
     build_genai(tiny_models["llama"], tmp_path / "genai", tmp_path)
     edge = EdgeModel(tmp_path / "genai")
@@ -156,7 +156,7 @@ def test_export_stage_quantizes_and_gates_on_parity(quantize, options, min_agree
 
 
 def test_int4_keeps_the_named_linear_layers_at_8_bits(exported, tiny_models, tmp_path):
-    from slimlm.quantize.ort_quantize import linear_layers, quantize_weights
+    from slimlm.export.graph_quantize import linear_layers, quantize_weights
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -185,7 +185,7 @@ def test_int4_keeps_the_named_linear_layers_at_8_bits(exported, tiny_models, tmp
 
 
 def test_layers_that_read_one_input_at_one_bit_width_run_as_one_kernel(exported, tiny_models, tmp_path):
-    from slimlm.quantize.ort_quantize import linear_layers, quantize_weights
+    from slimlm.export.graph_quantize import linear_layers, quantize_weights
 
     layers = linear_layers(onnx.load(str(exported["llama"] / "model.onnx")))
     for d, merge in (("merged", True), ("separate", False)):
@@ -206,7 +206,7 @@ def test_layers_that_read_one_input_at_one_bit_width_run_as_one_kernel(exported,
 
 
 def test_embeddings_at_8_bits_are_closer_to_fp32_than_at_4(exported, tiny_models, tmp_path):
-    from slimlm.quantize.ort_quantize import quantize_weights
+    from slimlm.export.graph_quantize import quantize_weights
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     ids = np.array([[1, 5, 9, 2, 7, 11, 3, 4]])
@@ -225,7 +225,7 @@ def test_embeddings_at_8_bits_are_closer_to_fp32_than_at_4(exported, tiny_models
 def test_a_tied_embedding_reads_the_quantized_head_instead_of_a_copy(
     family, bits, keep_8bit, exported, tiny_models, tmp_path
 ):
-    from slimlm.quantize.ort_quantize import quantize_weights
+    from slimlm.export.graph_quantize import quantize_weights
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[family])
     tied = model.config.tie_word_embeddings
@@ -254,9 +254,10 @@ def test_a_tied_embedding_reads_the_quantized_head_instead_of_a_copy(
 def test_the_genai_graph_is_quantized_as_the_dynamo_graph_is(family, exported, tiny_models, tmp_path):
     """onnxruntime-genai's builder names nodes its own way; its MatMuls are matched to Linear layers by weight,
     so GPTQ codes, keep_8bit and the shared tied table land where they do in the dynamo graph."""
-    from slimlm.quantize.export import build_genai, linear_weights
+    from slimlm.export.genai import build_genai
+    from slimlm.export.graph_quantize import linear_layers, quantize_weights
+    from slimlm.export.stage import linear_weights
     from slimlm.quantize.gptq import gptq
-    from slimlm.quantize.ort_quantize import linear_layers, quantize_weights
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
     weights = linear_weights(model)
@@ -299,7 +300,8 @@ def test_the_genai_graph_is_quantized_as_the_dynamo_graph_is(family, exported, t
 def test_exporting_a_bitsandbytes_model_is_refused(tiny_llama, tmp_path):
     import shutil
 
-    from slimlm.quantize.export import ExportConfig, refuse_quantized_input
+    from slimlm.export.config import ExportConfig
+    from slimlm.export.stage import refuse_quantized_input
 
     quantized = tmp_path / "q"
     shutil.copytree(tiny_llama, quantized)

@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from slimlm.errors import last_line
+
 CLIENTS = ("transformers.js", "optimum", "onnxruntime-genai")
 SCRIPTS = Path(__file__).with_name("clients")
 
@@ -101,8 +103,7 @@ def run_client(client: str, jobs: list[dict[str, Any]], timeout: float = 600) ->
             return [{"error": f"{client} did not finish in {timeout:.0f} s"} for _ in jobs]
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        return [{"error": f"{client} exited with {proc.returncode}: {tail}"} for _ in jobs]
+        return [{"error": f"{client} exited with {proc.returncode}: {last_line(proc)}"} for _ in jobs]
     return json.loads(lines[-1])
 
 

@@ -1,0 +1,1 @@
+"""`kind: cast`: a dtype change of a full-precision model."""

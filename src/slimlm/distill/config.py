@@ -1,0 +1,98 @@
+"""The `kind: distill` recipe section: the loss, LoRA, the budget and schedule, and how many processes train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from slimlm.stage import StageConfig, Strict
+
+
+class LossOptions(Strict):
+    logits: Literal["forward_kl", "reverse_kl", "jsd", "none"] = "forward_kl"
+    temperature: float = Field(1.0, gt=0)
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    top_k: int | None = Field(None, ge=1, description="compare on the teacher's top-k tokens only")
+    ce_weight: float = Field(0.0, ge=0, description="weight of cross-entropy on the data's next tokens")
+    hidden: Literal["cosine", "mse"] | None = None
+    hidden_weight: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> LossOptions:
+        if self.logits == "none" and self.ce_weight == 0 and self.hidden is None:
+            raise ValueError("the loss is empty: set logits, ce_weight or hidden")
+        return self
+
+
+class LoraOptions(Strict):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LaunchOptions(Strict):
+    """Train in several processes: DDP over `processes` local ones, or an accelerate config (FSDP, DeepSpeed)."""
+
+    processes: int = Field(1, ge=1, description="local processes for DDP (gloo on CPU, NCCL on GPUs)")
+    config: str | None = Field(None, description="an accelerate config file, e.g. configs/accelerate/fsdp.yaml")
+
+    @model_validator(mode="after")
+    def _config_exists(self) -> LaunchOptions:
+        if self.config is not None and not Path(self.config).is_file():
+            raise ValueError(
+                f"accelerate config {self.config} does not exist (paths are relative to the current directory; "
+                "slimlm ships configs/accelerate/fsdp.yaml and deepspeed-zero3.yaml)"
+            )
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        return self.processes > 1 or self.config is not None
+
+
+class DistillConfig(StageConfig):
+    kind: Literal["distill"]
+    data: str = "train"
+    method: Literal["full", "lora", "qlora"] = "lora"  # qlora: LoRA on a 4-bit (NF4) base, merged into full precision
+    lora: LoraOptions = LoraOptions()
+    loss: LossOptions = LossOptions()
+    tokens: int | None = Field(None, ge=1, description="token budget (global); or give steps")
+    steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints; 0 disables them")
+    becomes_teacher: bool = Field(
+        False, description="teacher correction: later stages use this output as their teacher"
+    )
+    launch: LaunchOptions = LaunchOptions()
+
+    metrics = frozenset({"train_loss", "train_tokens", "tokens_per_second"})
+
+    @model_validator(mode="after")
+    def _budget(self) -> DistillConfig:
+        if (self.tokens is None) == (self.steps is None):
+            raise ValueError("give exactly one budget: tokens or steps")
+        return self
+
+    @property
+    def corrects_teacher(self) -> bool:
+        return self.becomes_teacher
+
+    def launch_options(self) -> LaunchOptions | None:
+        return self.launch if self.launch.distributed else None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.loss.logits != "none" or self.loss.hidden is not None
+
+    def data_references(self) -> dict[str, str]:
+        return {"data": self.data}
