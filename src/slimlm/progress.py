@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import os
 import warnings
@@ -65,6 +67,24 @@ class LibraryBar:
         pass
 
     set_postfix = set_description
+
+
+@contextlib.contextmanager
+def library_bars(modules: Iterable[str], shown: tuple[str, ...] = ()) -> Iterator[None]:
+    """While the block runs, the tqdm of each named library module draws the bars named in `shown` in slimlm's
+    style and keeps the rest quiet. A module that draws its bars another way (a later release) keeps its own."""
+    bar = type("Bar", (LibraryBar,), {"shown": shown})
+    patched = []
+    for name in modules:
+        module = importlib.import_module(name)
+        if hasattr(module, "tqdm"):
+            patched.append((module, module.tqdm))
+            module.tqdm = bar
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.tqdm = original
 
 
 def status(message: str) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from slimlm.errors import StageFailed
 from slimlm.evaluate.catalogue import PERPLEXITY_METRICS
 from slimlm.evaluate.spec import LmEvalSpec, TaskSpec, resolve_path
 from slimlm.evaluate.templates import sandboxed_lm_eval
-from slimlm.progress import LibraryBar
+from slimlm.progress import library_bars
 
 
 def write_local_tasks(spec: LmEvalSpec, data, out_dir: Path) -> None:
@@ -119,7 +120,7 @@ def run_tasks(model, tokenizer, spec: LmEvalSpec, tasks_dir: Path) -> dict[str, 
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
-    with _lm_eval_progress(), sandboxed_lm_eval():
+    with _quiet_lm_eval(), sandboxed_lm_eval():
         return _evaluate(lm, spec, tasks_dir)
 
 
@@ -158,26 +159,23 @@ def _evaluate(lm, spec: LmEvalSpec, tasks_dir: Path) -> dict[str, dict[str, Any]
     return metrics
 
 
-class _RequestsBar(LibraryBar):
-    shown = ("Running loglikelihood requests",)
-
-
 @contextlib.contextmanager
-def _lm_eval_progress():
-    """lm-eval's request loop gets a progress bar like slimlm's others; its per-document tqdm bars go quiet."""
-    import importlib
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval's request loop gets a progress bar like slimlm's others and its per-document bars go quiet; it
+    does not ask git for the commit of the working directory (which prints `fatal: not a git repository`
+    outside one, and says nothing about the model)."""
+    from lm_eval import evaluator
 
-    patched = []
-    for name in ("lm_eval.models.huggingface", "lm_eval.api.model", "lm_eval.api.task"):
-        module = importlib.import_module(name)
-        if hasattr(module, "tqdm"):  # a later lm-eval that draws bars differently keeps its own
-            patched.append((module, module.tqdm))
-            module.tqdm = _RequestsBar
+    modules = ("lm_eval.models.huggingface", "lm_eval.api.model", "lm_eval.api.task")
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is not None:
+        evaluator.get_git_commit_hash = lambda: None
     try:
-        yield
+        with library_bars(modules, shown=("Running loglikelihood requests",)):
+            yield
     finally:
-        for module, original in patched:
-            module.tqdm = original
+        if original is not None:
+            evaluator.get_git_commit_hash = original
 
 
 def task_metrics(out: dict[str, Any]) -> dict[str, dict[str, Any]]:
