@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+CARD = "README.md"  # the model card in a stage's artifact folder (model_card.py)
 PARTIAL_PREFIX = ".partial-"
 WORK_DIR = ".work"
 REPLACED_DIR = ".replaced"  # outdated stage folders that held files slimlm did not write
@@ -44,11 +45,13 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def dir_digest(path: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> str:
-    """Digest of every file under `path` (relative names and contents), so any edit or truncation shows."""
+    """Digest of every file under `path` (relative names and contents), so any edit or truncation shows.
+    The manifest and the model card of a stage's artifact (`model/README.md`) are records of the
+    content, rewritten when a rerun re-checks the gates, so they are left out."""
     h = hashlib.sha256()
     for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
         rel = f.relative_to(path).as_posix()
-        if rel in exclude:
+        if rel in exclude or (rel.count("/") == 1 and rel.endswith("/" + CARD)):
             continue
         h.update(rel.encode() + b"\0" + file_digest(f).encode() + b"\n")
     return h.hexdigest()

@@ -6,9 +6,11 @@ files still hash to the recorded output digest; otherwise it and everything afte
 
 from __future__ import annotations
 
+import functools
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -33,9 +35,10 @@ from slimlm.evaluate.catalogue import headline_values
 from slimlm.evaluate.gates import check_gate, describe_verdict, failure_message
 from slimlm.evaluate.suite import Evaluator, evaluation_digest
 from slimlm.manifest import Manifest, stage_manifest, write_manifest
+from slimlm.model_card import card_text, write_card
 from slimlm.progress import console, status
 from slimlm.recipe import Recipe, recipe_to_yaml
-from slimlm.sources.models import resolve_model
+from slimlm.sources.models import resolve_model, source_facts
 from slimlm.sources.text import DataStore
 from slimlm.stage import StageConfig, StageContext
 from slimlm.stages import STAGES
@@ -129,30 +132,54 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
     teacher, reused = _teacher_manifest(recipe, layout, teacher_dir, evaluator, eval_digest)
     state["stages"][TEACHER] = "skipped" if reused else "done"
     _print_metrics(teacher.metrics)
+    facts = source_facts(recipe.model, teacher_dir)  # what the model cards say of the original teacher
 
-    finished = {TEACHER: teacher}
+    lineage = {TEACHER: [teacher]}  # each artifact's chain of stages, teacher first
     previous = teacher
     for index, stage in enumerate(recipe.stages, start=1):
-        previous = finished[stage.input] if stage.input else previous
+        previous = lineage[stage.input][-1] if stage.input else previous
         console.rule(f"[bold]{index:02d}-{stage.name}[/] ({stage.kind})")
         state["stages"][stage.name] = "running"
         write_json_atomic(layout.run_state, state)
-        manifest, reused = _stage_manifest(recipe, layout, index, stage, previous, teacher, evaluator, eval_digest)
+
+        finish = functools.partial(
+            _finish, recipe.name, stage, teacher, previous, lineage[previous.stage], lineage[TEACHER][0], facts
+        )
+        manifest, reused = _stage_manifest(
+            recipe, layout, index, stage, previous, teacher, evaluator, eval_digest, finish
+        )
         state["stages"][stage.name] = "skipped" if reused else "done"
+        lineage[stage.name] = [*lineage[previous.stage], manifest]
         _print_metrics(manifest.metrics)
-        manifest.gates = [check_gate(g, manifest.metrics, teacher.metrics, previous.metrics) for g in stage.gates]
-        manifest.status = "gate_failed" if manifest.failed_gates else "done"
-        write_manifest(layout.stage_dir(index, stage.name), manifest)
         for v in manifest.gates:
             status(f"gate {v.gate}: {'[green]pass[/]' if v.passed else '[red]FAIL[/]'} ({describe_verdict(v)})")
         if manifest.failed_gates:
             state["stages"][stage.name] = "gate_failed"
             raise GateFailed(failure_message(stage.name, manifest.failed_gates[0]))
-        finished[stage.name] = previous = manifest
+        previous = manifest
         if stage.corrects_teacher:  # teacher correction: distill from the corrected model from here on
             status("this stage's output is the teacher for the stages that follow")
             teacher = manifest
     console.rule(f"done: {layout.root}")
+
+
+def _finish(
+    recipe_name: str,
+    stage: StageConfig,
+    teacher: Manifest,
+    previous: Manifest,
+    chain: list[Manifest],
+    original_teacher: Manifest,
+    facts: dict[str, str],
+    manifest: Manifest,
+    folder: Path,
+) -> None:
+    """A stage's gate verdicts (against the teacher and its input) and its model card, before its manifest is written;
+    `chain` is the lineage of its input."""
+    manifest.gates = [check_gate(g, manifest.metrics, teacher.metrics, previous.metrics) for g in stage.gates]
+    manifest.status = "gate_failed" if manifest.failed_gates else "done"
+    text = card_text(recipe_name, manifest, [*chain, manifest], original_teacher, facts)
+    write_card(folder / (manifest.artifact or ""), text)
 
 
 def _teacher_manifest(recipe, layout, teacher_dir: Path, evaluator: Evaluator, eval_digest) -> tuple[Manifest, bool]:
@@ -194,9 +221,11 @@ def _stage_manifest(
     teacher: Manifest,
     evaluator: Evaluator,
     eval_digest: str,
+    finish: Callable[[Manifest, Path], None],
 ) -> tuple[Manifest, bool]:
-    """Run one stage into a partial folder and commit it, or reuse a finished one that still matches.
-    Returns its manifest and whether it was reused."""
+    """Run one stage into a partial folder and commit it, or reuse a finished one that still matches;
+    `finish` adds the gate verdicts and the model card to the folder first. Returns the manifest and whether
+    it was reused."""
     # The teacher (which a corrected teacher replaces) and slimlm's version are part of the key too.
     cfg_digest = config_digest(
         {
@@ -220,6 +249,8 @@ def _stage_manifest(
                 old.evaluation_digest = eval_digest
             status("unchanged since the last run; skipping")
             old.artifact_path = str(artifact)
+            finish(old, final)
+            write_manifest(final, old)
             return old, True
         status("files changed on disk since this stage finished; running it again")
 
@@ -266,6 +297,7 @@ def _stage_manifest(
         versions=library_versions(),
         seed=recipe.seed,
     )
+    finish(manifest, partial)
     write_manifest(partial, manifest)
     kept = commit_partial(layout, index, stage.name)
     if kept:

