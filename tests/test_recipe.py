@@ -149,3 +149,16 @@ def test_input_names_an_earlier_stage(tmp_path):
         load_recipe(write(tmp_path, text.replace("input: prune", "input: later")))
     with pytest.raises(RecipeError, match="'teacher' is reserved"):
         load_recipe(write(tmp_path, GOOD.replace("  - name: half", "  - name: teacher")))
+
+
+def test_plan_shows_what_the_recipe_sets_and_every_setting_off_its_default():
+    """The plan reads without the recipe: written settings show even where they equal the default (the quickstart's
+    method: lora, quantize: int8), `--set` overrides show, and a list is not swallowed as rich markup."""
+    from tests.conftest import run_cli
+
+    quickstart = RECIPES[0].parent / "quickstart.yaml"
+    code, out = run_cli("plan", quickstart, "--set", "stages.prune.round_to=64")
+    flat = " ".join(out.split())  # the table wraps long cells
+    assert code == 0
+    for setting in ("method=lora", "quantize=int8", "lora={r: 16, alpha: 32.0}", "round_to=64", "keep_8bit=[lm_head,"):
+        assert setting in flat.replace("│", "").replace("  ", " "), setting

@@ -98,3 +98,41 @@ def test_slimlm_report_rewrites_the_report_and_explains_a_wrong_directory(failed
     assert (failed_run / "report.html").is_file()
     result = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "nowhere does not exist" in result.output
+
+
+def test_after_a_rerun_that_reuses_everything_the_report_and_status_show_what_was_produced(tmp_path, tiny_llama):
+    """A rerun that skips every stage reports each as done (reused), when it was made and how long it took then."""
+    import json
+    import time
+
+    from tests.conftest import run_cli
+
+    recipe_file = tmp_path / "tiny.yaml"
+    recipe_file.write_text(RECIPE.format(model=tiny_llama))
+    run_recipe(load_recipe(recipe_file), tmp_path / "run")
+    first = {d.name: json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "run").glob("0*") if d.is_dir()}
+    time.sleep(1.1)  # the rerun's clock differs from the first run's
+    run_recipe(load_recipe(recipe_file), tmp_path / "run")
+    page = Page()
+    page.feed((tmp_path / "run" / "report.html").read_text())
+    header = page.rows[0][1]
+    rows = {cells[1]: dict(zip(header, cells, strict=True)) for _, cells in page.rows[1:4]}
+    for folder, manifest in first.items():
+        row = rows[folder[3:]]
+        assert row["status"] == "done (reused)"
+        assert row["produced"] == manifest["finished"].replace("T", " ")[:16]
+        assert row["seconds"] == str(manifest["seconds"])
+    text = html.unescape((tmp_path / "run" / "report.html").read_text())
+
+    def shown(iso):
+        return iso.replace("T", " ").replace("+00:00", " UTC")
+
+    made = sorted(m["finished"] for m in first.values())
+    state = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (
+        f"Artifacts made between {shown(made[0])} and {shown(made[-1])}; this run started {shown(state['started'])}"
+        in text
+    )
+    assert state["started"] > made[-1]  # the header tells the two apart
+    code, out = run_cli("status", tmp_path / "run")
+    assert code == 0 and out.count("done (reused)") == 3 and "produced" in out

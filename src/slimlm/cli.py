@@ -124,17 +124,14 @@ def plan(recipe: Annotated[Path, typer.Argument(help="the recipe YAML")], set_: 
     measured = ", ".join(sorted(parsed.evaluation.metric_names() | set(ALWAYS_MEASURED)))
     table.add_row("00", "teacher", "evaluate", "metrics", measured, "")
     for i, stage in enumerate(parsed.stages, 1):
-        settings = stage.model_dump(
-            mode="json", exclude={"name", "kind", "gates"}, exclude_none=True, exclude_defaults=True
-        )
         gates = "; ".join(_describe(g) for g in stage.gates)
-        table.add_row(f"{i:02d}", stage.name, stage.kind, stage.produces, _short(settings), gates)
+        table.add_row(f"{i:02d}", stage.name, stage.kind, stage.produces, _settings(stage), gates)
     _stdout().print(table)
 
 
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
-    """Show which stages of a run are done, skipped, failed or pending, with their key metrics."""
+    """Show which stages of a run are done (or reused), failed or pending, with their key metrics and when they were made."""
     from slimlm.evaluate.catalogue import HEADLINES
     from slimlm.report import gates_summary, read_run
 
@@ -144,11 +141,11 @@ def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
         _fail(e)
     headlines = [h for h in HEADLINES if h.in_status]
     table = Table(title=f"{state['recipe']}: {state['status']} (started {state.get('started', '?')})")
-    for col in ("#", "stage", "status", *(h.label for h in headlines), "gates", "seconds"):
+    for col in ("#", "stage", "status", *(h.label for h in headlines), "gates", "produced", "seconds"):
         table.add_column(col)
     for row in rows:
         cells = [h.cell(row.metrics) for h in headlines]
-        table.add_row(f"{row.index:02d}", row.name, row.status, *cells, gates_summary(row), row.seconds)
+        table.add_row(f"{row.index:02d}", row.name, row.status, *cells, gates_summary(row), row.produced, row.seconds)
     _stdout().print(table)
     if state.get("error"):
         _stdout().print(f"[red]last error:[/] {state['error']}", highlight=False)
@@ -249,6 +246,28 @@ def _describe(gate) -> str:
     return describe_gate(gate)
 
 
-def _short(settings: dict) -> str:
-    text = ", ".join(f"{k}={v}" for k, v in settings.items() if v not in (None, [], {}))
-    return text if len(text) < 120 else text[:117] + "..."
+def _settings(stage) -> str:
+    """What the recipe sets for a stage, and every setting that differs from its default, so the plan reads
+    without the recipe: `method=lora` shows although lora is the default, because the recipe says so."""
+    skip = {"name", "kind", "gates"}
+    written = stage.model_dump(mode="json", exclude=skip, exclude_unset=True)
+    changed = stage.model_dump(mode="json", exclude=skip, exclude_defaults=True)
+    from rich.markup import escape
+
+    shown = _merge(written, changed)
+    return escape(", ".join(f"{k}={_plain(v)}" for k, v in shown.items()))  # a list's [...] is not rich markup
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def _plain(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_plain(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_plain(v) for v in value) + "]"
+    return str(value)

@@ -29,7 +29,7 @@ class StageRow:
     index: int
     name: str
     kind: str
-    status: str  # done, skipped, gate failed, failed, running, pending, finished earlier
+    status: str  # done, done (reused), gate failed, failed, running, interrupted, pending, finished earlier
     manifest: Manifest | None = None
 
     @property
@@ -46,7 +46,13 @@ class StageRow:
 
     @property
     def seconds(self) -> str:
+        """How long the stage took when it produced its artifact (a rerun that reuses it takes none)."""
         return str(self.manifest.seconds) if self.manifest else ""
+
+    @property
+    def produced(self) -> str:
+        """When the artifact was made: `2026-12-01 12:03` (UTC)."""
+        return _time(self.manifest.finished)[:16] if self.manifest and self.manifest.finished else ""
 
 
 def read_run(run_dir: Path) -> tuple[dict[str, Any], list[StageRow]]:
@@ -69,6 +75,8 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[StageRow]]:
             )
         last = state["stages"].get(name)
         shown = last or ("finished earlier" if manifest else "pending")
+        if last == "skipped" and manifest:  # this run found the artifact unchanged: it is what the stage produced
+            shown = "done (reused)"
         if (manifest and manifest.status == "gate_failed") or last == "gate_failed":
             shown = "gate failed"
         elif last == "running":
@@ -157,7 +165,7 @@ def _columns(rows: list[StageRow]) -> list[tuple[str, Any]]:
     for task, metric in _task_metrics(rows):  # task scores go between quality and speed
         cols.append((f"{task} {metric}", lambda r, t=task, m=metric: _task_cell(r, t, m)))
     cols += [(h.label, headline(h)) for h in shown if h.metric.startswith("speed.")]
-    cols += [("gates", gates_summary), ("seconds", lambda r: r.seconds)]
+    cols += [("gates", gates_summary), ("produced", lambda r: r.produced), ("seconds", lambda r: r.seconds)]
     return cols
 
 
@@ -190,6 +198,22 @@ def _client_lines(row: StageRow) -> list[tuple[str, str]]:
     return [(c, describe_client(v)) for c, v in clients.items() if isinstance(v, dict)]
 
 
+def _time(iso: str | None) -> str:
+    """`2026-12-01T13:25:16+00:00` as `2026-12-01 13:25:16 UTC` (slimlm records UTC)."""
+    return iso.replace("T", " ").replace("+00:00", " UTC") if iso else "-"
+
+
+def _when(state: dict[str, Any], rows: list[StageRow]) -> str:
+    """When the artifacts were made, and when this run (which may have reused them all) started and finished."""
+    made = sorted(_time(r.manifest.finished) for r in rows if r.manifest and r.manifest.finished)
+    checked = f"this run started {_time(state.get('started'))} and finished {_time(state.get('finished'))}"
+    if not made:
+        return f"No artifacts yet; {checked}."
+    span = made[0] if made[0] == made[-1] else f"between {made[0]} and {made[-1]}"
+    reused = any(r.status == "done (reused)" for r in rows)
+    return f"Artifacts made {span}; {checked}" + (", reusing those marked reused." if reused else ".")
+
+
 def _headline(state: dict[str, Any], rows: list[StageRow]) -> str:
     if state.get("status") == "done":
         return "The run finished; every gate passed."
@@ -201,7 +225,7 @@ def _headline(state: dict[str, Any], rows: list[StageRow]) -> str:
 def _markdown(state: dict[str, Any], rows: list[StageRow], run_dir: Path, plots: dict[str, bytes]) -> str:
     cols = _columns(rows)
     out = [f"# slimlm run: {state.get('recipe')}", "", _headline(state, rows), ""]
-    out += [f"Started {state.get('started')}, finished {state.get('finished', '-')}.", ""]
+    out += [_when(state, rows), ""]
     out += ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(fn(r).replace("|", "\\|") for _, fn in cols) + " |" for r in rows]
     for name, png in plots.items():
@@ -234,7 +258,7 @@ def _html(state: dict[str, Any], rows: list[StageRow], plots: dict[str, bytes]) 
         f"<title>slimlm: {e(str(state.get('recipe')))}</title><style>{_CSS}</style></head><body>",
         f"<h1>slimlm run: {e(str(state.get('recipe')))}</h1>",
         f"<p class='{'ok' if ok else 'stopped'}' id='headline'>{e(_headline(state, rows))}</p>",
-        f"<p>Started {e(str(state.get('started')))}, finished {e(str(state.get('finished', '-')))}.</p>",
+        f"<p id='when'>{e(_when(state, rows))}</p>",
         "<table id='stages'><tr>" + "".join(f"<th>{e(h)}</th>" for h, _ in cols) + "</tr>",
     ]
     for r in rows:
@@ -263,10 +287,13 @@ def _html(state: dict[str, Any], rows: list[StageRow], plots: dict[str, bytes]) 
     return "\n".join(parts)
 
 
+# The stage table has a column per headline metric and task: small type and tight cells keep a quickstart's
+# report inside a 1366 px laptop screen without horizontal scrolling (tests/test_report_browser.py).
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+table#stages { font-size: 0.78em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.4em; text-align: right; }
 th { background: #f3f3f3; } td:nth-child(2), td:first-child { text-align: left; }
 tr.failed td { background: #fde8e8; } .stopped { color: #a00; font-weight: bold; } .ok { color: #060; }
 img { max-width: 100%; }
