@@ -247,27 +247,8 @@ def _describe(gate) -> str:
 
 
 def _settings(stage) -> str:
-    """What the recipe sets for a stage, and every setting that differs from its default, so the plan reads
-    without the recipe: `method=lora` shows although lora is the default, because the recipe says so."""
-    skip = {"name", "kind", "gates"}
-    written = stage.model_dump(mode="json", exclude=skip, exclude_unset=True)
-    changed = stage.model_dump(mode="json", exclude=skip, exclude_defaults=True)
     from rich.markup import escape
 
-    shown = _merge(written, changed)
-    return escape(", ".join(f"{k}={_plain(v)}" for k, v in shown.items()))  # a list's [...] is not rich markup
+    from slimlm.stage import describe_settings
 
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
-    return out
-
-
-def _plain(value) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_plain(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_plain(v) for v in value) + "]"
-    return str(value)
+    return escape(describe_settings(stage.settings()))  # a list's [...] is not rich markup

@@ -39,9 +39,11 @@ def tags_of(manifest: Manifest) -> list[str]:
 
 
 def card_text(
-    recipe_name: str, manifest: Manifest, lineage: list[Manifest], teacher: Manifest, facts: dict[str, str]
+    recipe_name: str, manifest: Manifest, lineage: list[Manifest], settings: dict[str, str], facts: dict[str, str]
 ) -> str:
-    """The card for `manifest`'s artifact; `lineage` is the chain of stages from the teacher to it (teacher first)."""
+    """The card for `manifest`'s artifact; `lineage` is the chain of stages from the teacher to it (teacher first),
+    `settings` each stage's settings as the plan shows them."""
+    teacher = lineage[0]
     from huggingface_hub import ModelCardData
 
     tags = ["slimlm"] + [t for m in lineage[1:] for t in tags_of(m)]
@@ -55,8 +57,7 @@ def card_text(
     lines = [f"# {recipe_name}: {manifest.stage}", ""]
     lines += [f"Made by [slimlm](https://pypi.org/project/slimlm/) from `{teacher.model}` through:", ""]
     for m in lineage[1:]:
-        settings = ", ".join(f"{k}={v}" for k, v in (m.config or {}).items() if k not in ("name", "kind", "gates"))
-        lines.append(f"1. `{m.stage}` ({m.kind}): {settings}")
+        lines.append(f"1. `{m.stage}` ({m.kind}): {settings.get(m.stage, '')}")
     lines += ["", "## Measured here", "", "| metric | this model | teacher |", "|---|---|---|"]
     mine, theirs = headline_values(manifest.metrics), headline_values(teacher.metrics)
     for name, value in mine.items():

@@ -40,7 +40,7 @@ from slimlm.progress import console, status
 from slimlm.recipe import Recipe, recipe_to_yaml
 from slimlm.sources.models import resolve_model, source_facts
 from slimlm.sources.text import DataStore
-from slimlm.stage import StageConfig, StageContext
+from slimlm.stage import StageConfig, StageContext, describe_settings
 from slimlm.stages import STAGES
 
 TEACHER = "teacher"
@@ -142,9 +142,7 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
         state["stages"][stage.name] = "running"
         write_json_atomic(layout.run_state, state)
 
-        finish = functools.partial(
-            _finish, recipe.name, stage, teacher, previous, lineage[previous.stage], lineage[TEACHER][0], facts
-        )
+        finish = functools.partial(_finish, recipe, stage, teacher, previous, lineage[previous.stage], facts)
         manifest, reused = _stage_manifest(
             recipe, layout, index, stage, previous, teacher, evaluator, eval_digest, finish
         )
@@ -164,21 +162,21 @@ def _run_stages(recipe: Recipe, layout: RunLayout, state: dict[str, Any]) -> Non
 
 
 def _finish(
-    recipe_name: str,
+    recipe: Recipe,
     stage: StageConfig,
     teacher: Manifest,
     previous: Manifest,
     chain: list[Manifest],
-    original_teacher: Manifest,
     facts: dict[str, str],
     manifest: Manifest,
     folder: Path,
 ) -> None:
     """A stage's gate verdicts (against the teacher and its input) and its model card, before its manifest is written;
-    `chain` is the lineage of its input."""
+    `chain` is the lineage of its input, the original teacher first."""
     manifest.gates = [check_gate(g, manifest.metrics, teacher.metrics, previous.metrics) for g in stage.gates]
     manifest.status = "gate_failed" if manifest.failed_gates else "done"
-    text = card_text(recipe_name, manifest, [*chain, manifest], original_teacher, facts)
+    settings = {s.name: describe_settings(s.settings()) for s in recipe.stages}
+    text = card_text(recipe.name, manifest, [*chain, manifest], settings, facts)
     write_card(folder / (manifest.artifact or ""), text)
 
 

@@ -89,6 +89,13 @@ class StageConfig(Strict):
         """Fields that name a recipe data source (checked against the recipe's `data:` section)."""
         return {}
 
+    def settings(self) -> dict[str, Any]:
+        """What the recipe sets for this stage, and every setting off its default (name, kind and gates aside):
+        `method: lora` shows although lora is the default, because the recipe says so."""
+        skip = {"name", "kind", "gates"}
+        written = self.model_dump(mode="json", exclude=skip, exclude_unset=True)
+        return _merge(written, self.model_dump(mode="json", exclude=skip, exclude_defaults=True))
+
     @property
     def corrects_teacher(self) -> bool:
         """Teacher correction: whether the stages after this one take its output as their teacher."""
@@ -97,6 +104,26 @@ class StageConfig(Strict):
     def launch_options(self) -> Any | None:
         """How many processes the stage asks for (see launch.py: `processes` and an accelerate `config`); None for one."""
         return None
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def describe_settings(settings: dict[str, Any]) -> str:
+    """`method=lora, lora={r: 16, alpha: 32.0}, keep_8bit=[lm_head, k_proj]`"""
+
+    def plain(value: Any) -> str:
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k}: {plain(v)}" for k, v in value.items()) + "}"
+        if isinstance(value, list):
+            return "[" + ", ".join(plain(v) for v in value) + "]"
+        return str(value)
+
+    return ", ".join(f"{k}={plain(v)}" for k, v in settings.items())
 
 
 def field_error(config: StageConfig, field: str, message: str) -> RecipeError:
