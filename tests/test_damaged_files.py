@@ -56,6 +56,21 @@ def _write(name: str, content: bytes | str):
     return damage
 
 
+def test_a_manifest_slimlm_cannot_read_is_said_and_its_stage_runs_again(finished_run, tmp_path):
+    """A damaged manifest (or one an older slimlm wrote with other fields) never stops a rerun: it is named, with
+    what is wrong with it, and the stage runs again."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[1], run)
+    _metric_as_text(run)
+    code, output = run_cli("run", finished_run[0], "--run-dir", run)
+    assert code == 0, output
+    assert (
+        "01-prune/manifest.json is not a record this slimlm reads (metric params is 'a lot', not a number)"
+        in " ".join(output.split())
+    )
+    assert json.loads((run / "run.json").read_text())["stages"] == {"teacher": "skipped", "prune": "done"}
+
+
 def _metric_as_text(run: Path) -> None:
     manifest = json.loads((run / "01-prune" / "manifest.json").read_text())
     manifest["metrics"]["params"] = "a lot"

@@ -20,6 +20,7 @@ import torch
 
 from slimlm import launch
 from slimlm.artifacts import (
+    MANIFEST,
     RunLayout,
     atomic_write,
     begin_partial,
@@ -27,6 +28,7 @@ from slimlm.artifacts import (
     commit_partial,
     config_digest,
     dir_digest,
+    read_json,
     run_lock,
     write_json_atomic,
 )
@@ -34,7 +36,7 @@ from slimlm.errors import GateFailed, RecipeError, RunDirectoryError, SlimlmErro
 from slimlm.evaluate.catalogue import headline_values
 from slimlm.evaluate.gates import check_gate, describe_verdict, failure_message
 from slimlm.evaluate.suite import Evaluator, evaluation_digest
-from slimlm.manifest import Manifest, stage_manifest, write_manifest
+from slimlm.manifest import Manifest, manifest_problem, stage_manifest, write_manifest
 from slimlm.model_card import card_text, write_card
 from slimlm.progress import console, status
 from slimlm.recipe import Recipe, recipe_to_yaml
@@ -180,11 +182,21 @@ def _finish(
     write_card(folder / (manifest.artifact or ""), text)
 
 
+def _earlier_record(layout: RunLayout, index: int, name: str) -> Manifest | None:
+    """The manifest an earlier run left for this stage, or None; one that is there but cannot be read (damaged, or
+    written by a slimlm that recorded other fields) is said, and the stage runs again."""
+    old = stage_manifest(layout, index, name)
+    path = layout.stage_dir(index, name) / MANIFEST
+    if old is None and path.exists():
+        status(f"{path} is not a record this slimlm reads ({manifest_problem(read_json(path))}); running it again")
+    return old
+
+
 def _teacher_manifest(recipe, layout, teacher_dir: Path, evaluator: Evaluator, eval_digest) -> tuple[Manifest, bool]:
     """Evaluate the teacher once per run directory; reuse while the model and evaluation are unchanged.
     Returns its manifest and whether it was reused."""
     digest = dir_digest(teacher_dir)
-    old = stage_manifest(layout, 0, TEACHER)
+    old = _earlier_record(layout, 0, TEACHER)
     if old and old.output_digest == digest and old.evaluation_digest == eval_digest and old.model == recipe.model:
         status("teacher already evaluated; reusing its metrics")
         return old, True
@@ -237,7 +249,7 @@ def _stage_manifest(
     teacher_dir = Path(teacher.artifact_path)
     input_digest = previous.output_digest
     final = layout.stage_dir(index, stage.name)
-    old = stage_manifest(layout, index, stage.name)
+    old = _earlier_record(layout, index, stage.name)
     if old and old.config_digest == cfg_digest and old.input_digest == input_digest and old.artifact:
         artifact = final / old.artifact
         if artifact.exists() and dir_digest(final) == old.output_digest:
