@@ -32,6 +32,7 @@ stages:
 """
 
 
+@pytest.mark.heavy  # two torchrun processes and a one-process reference: 1.5 minutes on 2 cores
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_llama, tmp_path):
     recipe_file = tmp_path / "launch.yaml"
     recipe_file.write_text(RECIPE.format(model=tiny_llama))
