@@ -77,6 +77,12 @@ def _metric_as_text(run: Path) -> None:
     (run / "01-prune" / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _finished_as_a_number(run: Path) -> None:
+    manifest = json.loads((run / "01-prune" / "manifest.json").read_text())
+    manifest["finished"] = 5  # the report would write it as a time
+    (run / "01-prune" / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _run_json_is_a_folder(run: Path) -> None:
     (run / "run.json").unlink()
     (run / "run.json").mkdir()
@@ -94,6 +100,11 @@ RUN_CASES = [
     ("run-json-a-folder", _run_json_is_a_folder, "run.json is damaged"),
     ("metric-as-text", _metric_as_text, "01-prune/manifest.json is damaged (metric params is 'a lot', not a number)"),
     ("manifest-a-list", _write("01-prune/manifest.json", "[1, 2]"), "01-prune/manifest.json is damaged"),
+    (
+        "field-of-wrong-type",
+        _finished_as_a_number,
+        "01-prune/manifest.json is damaged (its field finished is 5, not a str)",
+    ),
 ]
 
 

@@ -10,9 +10,12 @@ and the stage runs again.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union
 
 from slimlm.artifacts import MANIFEST, RunLayout, read_json, write_json_atomic
 from slimlm.evaluate.catalogue import NUMERIC_METRICS, NUMERIC_SECTIONS, TEXT_METRICS
@@ -122,11 +125,26 @@ def manifest_problem(manifest: Any) -> str | None:
         isinstance(g, dict) and isinstance(g.get("passed"), bool) and all(k in g for k in _GATE_KEYS) for g in gates
     ):
         return "its gate verdicts are not the records slimlm writes"
-    try:
-        Manifest.from_json(manifest)
-    except TypeError as e:  # a field of the wrong shape
-        return f"it is not the record slimlm writes ({e})"
+    for name, kinds in _field_types().items():  # a hand-edited field would fail later, in the runner or the report
+        value = manifest.get(name)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
+            return f"its field {name} is {value!r}, not a {' or '.join(k.__name__ for k in kinds)}"
     return None
+
+
+@functools.cache
+def _field_types() -> dict[str, tuple[type, ...]]:
+    """Each Manifest field's type(s) as isinstance takes them: `str | None` -> (str,), `dict[str, Any]` -> (dict,)."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(Manifest).items():
+        members = (
+            [a for a in typing.get_args(hint) if a is not type(None)]
+            if typing.get_origin(hint) in (Union, UnionType)
+            else [hint]
+        )
+        kinds[name] = tuple(typing.get_origin(m) or m for m in members)
+    kinds["seconds"] = (int, float)  # JSON writes 12.0 as 12
+    return kinds
 
 
 def read_manifest(path: Path) -> Manifest | None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimlm.artifacts import CARD
-from slimlm.evaluate.catalogue import headline_values
-from slimlm.export.clients import describe_verdict
+from slimlm.artifacts import CARD, atomic_write
+from slimlm.evaluate.catalogue import headline_values, plain_number
+from slimlm.evaluate.gates import describe_verdict
+from slimlm.export.clients import describe_verdict as describe_client
 from slimlm.manifest import Manifest
 from slimlm.stage import HF_QUANTIZED, ONNX
 
@@ -43,9 +44,9 @@ def card_text(
 ) -> str:
     """The card for `manifest`'s artifact; `lineage` is the chain of stages from the teacher to it (teacher first),
     `settings` each stage's settings as the plan shows them."""
-    teacher = lineage[0]
     from huggingface_hub import ModelCardData
 
+    teacher = lineage[0]
     tags = ["slimlm"] + [t for m in lineage[1:] for t in tags_of(m)]
     data = ModelCardData(
         base_model=facts.get("base_model"),
@@ -61,18 +62,14 @@ def card_text(
     lines += ["", "## Measured here", "", "| metric | this model | teacher |", "|---|---|---|"]
     mine, theirs = headline_values(manifest.metrics), headline_values(teacher.metrics)
     for name, value in mine.items():
-        lines.append(f"| {name} | {_number(value)} | {_number(theirs[name]) if name in theirs else '-'} |")
+        reference = plain_number(theirs[name]) if name in theirs else "-"
+        lines.append(f"| {name} | {plain_number(value)} | {reference} |")
     if manifest.gates:
         lines += ["", "## Gates", "", "| gate | measured | verdict |", "|---|---|---|"]
         for v in manifest.gates:
-            measured = "not measured" if v.value is None else f"{v.value:.6g}"
-            lines.append(f"| {v.gate} | {measured} | {'pass' if v.passed else 'FAIL'} |")
+            lines.append(f"| {v.gate} | {describe_verdict(v)} | {'pass' if v.passed else 'FAIL'} |")
     lines += ["", "## How to load it", ""] + _loading(manifest)
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
-
-
-def _number(value: float) -> str:
-    return format(value, ",") if isinstance(value, int) else f"{value:.4g}"
 
 
 def _loading(manifest: Manifest) -> list[str]:
@@ -92,7 +89,7 @@ def _loading(manifest: Manifest) -> list[str]:
         lines.append("")
         for client, verdict in clients.items():
             if isinstance(verdict, dict):
-                lines.append(f"- {client}: {describe_verdict(verdict)}")
+                lines.append(f"- {client}: {describe_client(verdict)}")
         if not clients:
             lines.append("- none (transformers.js, Optimum and onnxruntime-genai are not checked: `clients: false`)")
         return lines
@@ -108,4 +105,5 @@ def _loading(manifest: Manifest) -> list[str]:
 
 
 def write_card(folder: Path, text: str) -> None:
-    (Path(folder) / CARD).write_text(text)
+    with atomic_write(Path(folder) / CARD) as tmp:  # a rerun rewrites the card of a committed stage in place
+        tmp.write_text(text)

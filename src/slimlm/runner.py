@@ -33,7 +33,7 @@ from slimlm.artifacts import (
     write_json_atomic,
 )
 from slimlm.errors import GateFailed, RecipeError, RunDirectoryError, SlimlmError
-from slimlm.evaluate.catalogue import headline_values
+from slimlm.evaluate.catalogue import headline_values, plain_number
 from slimlm.evaluate.gates import check_gate, describe_verdict, failure_message
 from slimlm.evaluate.suite import Evaluator, evaluation_digest
 from slimlm.manifest import Manifest, manifest_problem, stage_manifest, write_manifest
@@ -320,4 +320,4 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
     """The stage's own figures (train_loss, ...) and the run's headline metrics."""
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     shown |= headline_values(metrics)
-    status("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v:,}" for k, v in shown.items()))
+    status("  ".join(f"{k}={plain_number(v)}" for k, v in shown.items()))

@@ -85,6 +85,11 @@ def task_headline(values: dict[str, Any]) -> str | None:
     return next((m for m in TASK_HEADLINES if m in values), None)
 
 
+def plain_number(value: int | float) -> str:
+    """A figure as the run log and the model cards write it: `134,515,008`, `22.97`."""
+    return f"{value:.4g}" if isinstance(value, float) else f"{value:,}"
+
+
 def headline_values(metrics: dict[str, Any]) -> dict[str, int | float]:
     """The headline figures present in `metrics`, by metric name, each task's headline included."""
     shown = {h.metric: number(metrics, h.metric) for h in HEADLINES}

@@ -97,8 +97,9 @@ def source_facts(spec: str, model_dir: Path) -> dict[str, str]:
         try:
             from huggingface_hub import ModelCard
 
-            data = ModelCard.load(card).data
-            facts.update({k: str(data.get(k)) for k in ("license",) if data.get(k)})
+            license = ModelCard.load(card).data.get("license")
+            if license:
+                facts["license"] = str(license)
         except Exception:  # noqa: BLE001 - a card that does not parse says nothing
             pass
     m = PYPI_PATTERN.match(spec)
