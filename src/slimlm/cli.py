@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from slimlm.errors import SlimlmError, StageFailed
@@ -41,7 +42,7 @@ SetOption = Annotated[
 def _fail(error: SlimlmError) -> None:
     from slimlm.progress import console
 
-    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)  # a path may hold [x]
     raise typer.Exit(error.exit_code)
 
 
@@ -148,7 +149,7 @@ def status(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
         table.add_row(f"{row.index:02d}", row.name, row.status, *cells, gates_summary(row), row.produced, row.seconds)
     _stdout().print(table)
     if state.get("error"):
-        _stdout().print(f"[red]last error:[/] {state['error']}", highlight=False)
+        _stdout().print(f"[red]last error:[/] {escape(str(state['error']))}", highlight=False)
     if state.get("warning"):
         _stdout().print(f"[yellow]note:[/] {state['warning']}", highlight=False)
 
@@ -234,6 +235,12 @@ def _open_export(export_dir: Path):
 
     if not export_dir.is_dir():
         _fail(SourceError(f"{export_dir} is not a folder; point at the onnx/ folder of an export stage"))
+    if (export_dir / "model.gguf").is_file():
+        _fail(
+            SourceError(
+                f"{export_dir} is a GGUF export, which runs in llama.cpp (llama-cli -m {export_dir}/model.gguf); this command runs ONNX exports"
+            )
+        )
     try:
         return EdgeModel(export_dir)
     except SlimlmError as e:  # not an export, or a damaged one
