@@ -16,11 +16,12 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from slimlm import safe_yaml
 from slimlm.errors import RecipeError, SourceError
-from slimlm.evaluate.catalogue import ALWAYS_MEASURED, ALWAYS_MEASURED_ONNX
+from slimlm.evaluate.catalogue import ALWAYS_MEASURED, ALWAYS_MEASURED_EXPORT
 from slimlm.evaluate.spec import Evaluation, gate_metric_names, metric_is_known, task_problems
+from slimlm.export.config import GGUF_K_QUANTS, K_QUANT_BLOCK
 from slimlm.sources.models import check_model_spec
 from slimlm.sources.specs import DataSpec
-from slimlm.stage import HF, ONNX, PLAIN_NAME, StageConfig, Strict
+from slimlm.stage import GGUF, HF, ONNX, PLAIN_NAME, StageConfig, Strict
 from slimlm.stages import STAGE_KINDS
 
 AnyStage = Annotated[Union[STAGE_KINDS], Field(discriminator="kind")]  # noqa: UP007 - needs a runtime Union
@@ -303,8 +304,10 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
     seen: dict[str, int] = {}
     fmt, producer = HF, "the teacher"
     formats = {"teacher": (HF, "the teacher")}
+    rounding: dict[str, int | None] = {"teacher": None}  # the round_to of the last prune upstream of each stage
+    previous = "teacher"
     for i, stage in enumerate(recipe.stages):
-        always = set(ALWAYS_MEASURED_ONNX if stage.produces == ONNX else ALWAYS_MEASURED)
+        always = set(ALWAYS_MEASURED_EXPORT if stage.produces in (ONNX, GGUF) else ALWAYS_MEASURED)
         evaluated = always | evaluation_metrics
         if stage.name == "teacher":
             raise where.error(
@@ -341,6 +344,17 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
             )
         fmt, producer = stage.produces, f"stage '{stage.name}'"
         formats[stage.name] = (fmt, producer)
+        rounding[stage.name] = getattr(stage, "round_to", None) or rounding[stage.input or previous]
+        previous = stage.name
+        round_to = rounding[stage.name]
+        if getattr(stage, "quantize", None) in GGUF_K_QUANTS and round_to and round_to % K_QUANT_BLOCK:
+            raise where.error(
+                ("stages", i, "quantize"),
+                data,
+                f"{stage.quantize} packs rows in blocks of 256, but the prune stage before it rounds widths to "
+                f"{round_to}; set round_to: 256 there (llama.cpp silently uses another type for rows that do "
+                "not fit), or export q4_1 / q8_0",
+            )
         for g, gate in enumerate(stage.gates):
             _check_gate(gate, ("stages", i, "gates", g), evaluated, stage.metrics, where, data)
 

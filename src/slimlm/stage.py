@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 HF = "hf"  # full-precision Hugging Face directory
 HF_QUANTIZED = "hf-quantized"  # bitsandbytes-quantized Hugging Face directory (serve it; do not re-process)
 ONNX = "onnx"
+GGUF = "gguf"  # a folder with model.gguf for llama.cpp, beside the config and tokenizer files
 
 # Run, stage and task names become folder and file names: a letter or digit first, so never "." or "..".
 PLAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"

@@ -300,8 +300,8 @@ def test_the_genai_graph_is_quantized_as_the_dynamo_graph_is(family, exported, t
 def test_exporting_a_bitsandbytes_model_is_refused(tiny_llama, tmp_path):
     import shutil
 
+    from slimlm.export.checks import refuse_quantized_input
     from slimlm.export.config import ExportConfig
-    from slimlm.export.stage import refuse_quantized_input
 
     quantized = tmp_path / "q"
     shutil.copytree(tiny_llama, quantized)

@@ -17,7 +17,7 @@ SPEED = ("speed.prefill_tokens_per_s", "speed.decode_tokens_per_s")
 PEAK_MEMORY = "speed.peak_memory_bytes"
 
 ALWAYS_MEASURED = (PARAMS, NONEMBEDDING_PARAMS, SIZE)
-ALWAYS_MEASURED_ONNX = (SIZE,)  # an ONNX graph's parameters are not counted
+ALWAYS_MEASURED_EXPORT = (SIZE,)  # an ONNX graph's or GGUF file's parameters are not counted
 
 # lm-eval task metrics: a multiple-choice task's, and a perplexity task's
 MULTIPLE_CHOICE_METRICS = ("acc", "acc_norm", "chance")

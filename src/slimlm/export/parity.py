@@ -22,20 +22,11 @@ if TYPE_CHECKING:
 def measure_parity(config: ExportConfig, context: StageContext, model, out: Path) -> dict:
     if config.parity is None:
         return {}
-    tokenizer = load_tokenizer(context.input_dir)
-    blocks = context.data.blocks(
-        config.parity.data,
-        tokenizer,
-        bos_per_window=arch.needs_bos_per_window(model.config),
-        seq_len=config.parity.seq_len,
-        max_tokens=config.parity.max_tokens,
-    )
+    blocks = parity_blocks(config, context, model)
     edge = EdgeModel(out)
     metrics = parity(model, edge, blocks, config.parity.greedy_steps)
-    status(
-        f"parity: max |logit diff| {metrics['max_logit_diff']:.3g}, top-1 agreement {metrics['top1_agreement']:.4f}, "
-        f"KL {metrics['kl']:.3g}, greedy {metrics['greedy_agreement']:.3f}"
-    )
+    metrics["onnx_bytes"] = int(sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx")))
+    report_parity(metrics)
     if config.clients:
         status("running the export in its clients (transformers.js, Optimum, onnxruntime-genai)")
         prompt = blocks[0, : min(16, blocks.shape[1])].tolist()
@@ -44,9 +35,27 @@ def measure_parity(config: ExportConfig, context: StageContext, model, out: Path
     return metrics
 
 
+def parity_blocks(config: ExportConfig, context: StageContext, model) -> torch.Tensor:
+    return context.data.blocks(
+        config.parity.data,
+        load_tokenizer(context.input_dir),
+        bos_per_window=arch.needs_bos_per_window(model.config),
+        seq_len=config.parity.seq_len,
+        max_tokens=config.parity.max_tokens,
+    )
+
+
+def report_parity(metrics: dict) -> None:
+    status(
+        f"parity: max |logit diff| {metrics['max_logit_diff']:.3g}, top-1 agreement {metrics['top1_agreement']:.4f}, "
+        f"KL {metrics['kl']:.3g}, greedy {metrics['greedy_agreement']:.3f}"
+    )
+
+
 @torch.inference_mode()
 def parity(model, edge, blocks: torch.Tensor, greedy_steps: int) -> dict[str, float]:
-    """The export (`edge`, an EdgeModel) against its PyTorch parent `model` on held-out `blocks`."""
+    """The export (`edge`: an EdgeModel, or a GGUF in its runtime) against its PyTorch parent `model` on held-out
+    `blocks`: both have `logits(ids)` and `generate_ids(prompt, steps)`."""
     # the PyTorch parent plays the teacher: KL(parent || export), one block at a time
     agreement = teacher_agreement(
         lambda ids: edge.logits(ids.numpy()), lambda ids: model(input_ids=ids, use_cache=False).logits, blocks, 1
@@ -62,6 +71,5 @@ def parity(model, edge, blocks: torch.Tensor, greedy_steps: int) -> dict[str, fl
         "top1_agreement": agreement["top1"],
         "kl": agreement["kl"],
         "greedy_agreement": same,
-        "greedy_tokens": {"pytorch": expected, "onnx": produced},
-        "onnx_bytes": int(sum(p.stat().st_size for p in edge.path.iterdir() if p.name.startswith("model.onnx"))),
+        "greedy_tokens": {"pytorch": expected, "export": produced},
     }

