@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimlm.errors import StageFailed
 from slimlm.evaluate.agreement import teacher_agreement
-from slimlm.evaluate.onnx_model import OnnxCausalLM
+from slimlm.evaluate.exported_model import ExportedCausalLM
 from slimlm.evaluate.perplexity import torch_logits
 from slimlm.evaluate.spec import LmEvalSpec, SpeedEval, TaskSpec
 from slimlm.evaluate.speed import measure_speed
@@ -82,7 +82,7 @@ def test_the_onnx_path_scores_like_pytorch_for_an_fp32_export(certain_task, tiny
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     export_onnx(model, tiny_llama, tmp_path / "onnx")
-    onnx_model = OnnxCausalLM(tmp_path / "onnx")
+    onnx_model = ExportedCausalLM(tmp_path / "onnx")
     docs = DataStore({"docs": DataSpec(source="builtin:python-docs", split="test")})
     spec = LmEvalSpec(
         tasks=[

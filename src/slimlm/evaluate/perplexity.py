@@ -8,7 +8,7 @@ import torch
 
 
 def torch_logits(model):
-    """A logits function for a causal LM (PyTorch or OnnxCausalLM): [batch, seq] ids -> [batch, seq, vocab]."""
+    """A logits function for a causal LM (PyTorch or ExportedCausalLM): [batch, seq] ids -> [batch, seq, vocab]."""
     return lambda ids: model(input_ids=ids.to(model.device), use_cache=False).logits
 
 

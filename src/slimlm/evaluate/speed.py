@@ -21,8 +21,15 @@ from slimlm.errors import StageFailed, last_line
 from slimlm.evaluate.spec import SpeedEval
 
 
-def measure_speed(path: Path, spec: SpeedEval, *, dtype: str, device: str, trust_remote_code: bool) -> dict[str, Any]:
-    """Run the measurement in a child process and return its figures."""
+def measure_speed(
+    path: Path, spec: SpeedEval, *, dtype: str, device: str, trust_remote_code: bool
+) -> dict[str, Any] | None:
+    """Run the measurement in a child process and return its figures (None: a GGUF without llama.cpp to run it)."""
+    from slimlm.export.gguf_file import llama_cpp_installed
+    from slimlm.export.gguf_runtime import is_gguf
+
+    if is_gguf(path) and not llama_cpp_installed():
+        return None
     args = {"path": str(path), "spec": spec.model_dump(), "dtype": dtype, "device": device, "trust": trust_remote_code}
     proc = subprocess.run(
         [sys.executable, "-m", "slimlm.evaluate.speed", json.dumps(args)], capture_output=True, text=True
@@ -37,17 +44,25 @@ def _run(path: Path, spec: SpeedEval, dtype: str, device: str, trust: bool) -> d
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    batches = sorted({1, spec.batch_size})
     if (path / "model.onnx").is_file():
         from slimlm.edge import EdgeModel
 
         step_fn, vocab = _onnx_steps(EdgeModel(path, threads=spec.threads), spec.prompt_tokens + spec.new_tokens)
+    elif (path / "model.gguf").is_file():
+        from slimlm.export.gguf_runtime import LlamaCppModel
+
+        model = LlamaCppModel(
+            path, context=spec.prompt_tokens + spec.new_tokens, threads=spec.threads, logits_all=False
+        )
+        step_fn, vocab, batches = _llama_cpp_steps(model), model.vocab_size, [1]  # one sequence per llama.cpp context
     else:
         from slimlm.sources.models import load_model
 
         model = load_model(path, dtype=dtype, device=device, trust_remote_code=trust)
         step_fn, vocab = _torch_steps(model), model.config.vocab_size
     figures: dict[str, Any] = {}
-    for batch in sorted({1, spec.batch_size}):
+    for batch in batches:
         suffix = "" if batch == 1 else f"_b{batch}"
         prefill, decode = _timed_generation(step_fn, vocab, batch, spec)
         figures[f"prefill_tokens_per_s{suffix}"] = prefill
@@ -89,6 +104,20 @@ def _torch_steps(model):
         if token.device.type == "cuda":
             torch.cuda.synchronize()
         return token, out.past_key_values
+
+    return step
+
+
+def _llama_cpp_steps(model):
+    import numpy as np
+
+    llm = model.llm
+
+    def step(ids, state, length):
+        if state is None:
+            llm.reset()
+        llm.eval([int(t) for t in ids[0]])
+        return np.array([[int(np.argmax(llm.scores[llm.n_tokens - 1]))]]), True
 
     return step
 

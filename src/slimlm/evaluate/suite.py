@@ -1,8 +1,8 @@
-"""The recipe's evaluation section run on one model artifact (PyTorch or ONNX).
+"""The recipe's evaluation section run on one model artifact (PyTorch, ONNX or GGUF).
 
 Size and parameters always; perplexity, teacher agreement, lm-eval tasks and speed when the recipe
-asks. An ONNX artifact is scored through onnxruntime (`OnnxCausalLM`), so a gate after export
-measures the exported model, not its PyTorch parent.
+asks. An ONNX artifact is scored through onnxruntime and a GGUF through llama.cpp (`ExportedCausalLM`),
+so a gate after export measures the exported model, not its PyTorch parent.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from slimlm.arch import needs_bos_per_window
 from slimlm.artifacts import config_digest, file_digest
 from slimlm.errors import RecipeError
+from slimlm.evaluate.exported_model import is_exported
 from slimlm.evaluate.perplexity import perplexity, torch_logits
 from slimlm.evaluate.size import parameter_counts, size_on_disk
 from slimlm.evaluate.spec import resolve_path
@@ -35,10 +36,6 @@ def evaluation_digest(recipe: Recipe) -> str:
     return config_digest({"evaluation": ev, "data": data, "dtype": recipe.dtype, "task_files": files})
 
 
-def is_onnx(path: Path) -> bool:
-    return (Path(path) / "model.onnx").is_file()
-
-
 @dataclass
 class Evaluator:
     """Evaluates artifacts for one run; local lm-eval tasks are written once, into `tasks_dir`."""
@@ -55,10 +52,10 @@ class Evaluator:
             write_local_tasks(self.recipe.evaluation.lm_eval, self.data, self.tasks_dir)
 
     def _load(self, path: Path):
-        if is_onnx(path):
-            from slimlm.evaluate.onnx_model import OnnxCausalLM
+        if is_exported(path):
+            from slimlm.evaluate.exported_model import ExportedCausalLM
 
-            return OnnxCausalLM(path)
+            return ExportedCausalLM(path)
         return load_model(
             path, dtype=self.recipe.dtype, device=self.device, trust_remote_code=self.recipe.trust_remote_code
         )
@@ -68,7 +65,7 @@ class Evaluator:
         ev, recipe = self.recipe.evaluation, self.recipe
         metrics: dict[str, Any] = {"size_bytes": size_on_disk(path)}
         model = self._load(path)
-        if not is_onnx(path):
+        if not is_exported(path):
             metrics.update(parameter_counts(model))
         tokenizer = load_tokenizer(path, trust_remote_code=recipe.trust_remote_code)
         bos = needs_bos_per_window(model.config)
@@ -121,7 +118,11 @@ class Evaluator:
             from slimlm.evaluate.speed import measure_speed
 
             status("measuring prefill and decode speed")
-            metrics["speed"] = measure_speed(
+            speed = measure_speed(
                 path, ev.speed, dtype=recipe.dtype, device=self.device, trust_remote_code=recipe.trust_remote_code
             )
+            if speed is None:
+                status("speed: not measured (a GGUF's speed is llama.cpp's: pip install 'slimlm\\[llama]')")
+            else:
+                metrics["speed"] = speed
         return metrics

@@ -114,7 +114,7 @@ def continuation_examples(documents: list[str], task: TaskSpec) -> list[dict[str
 
 
 def run_tasks(model, tokenizer, spec: LmEvalSpec, tasks_dir: Path) -> dict[str, dict[str, Any]]:
-    """Evaluate `model` (a PyTorch causal LM or OnnxCausalLM) on the spec's tasks; metrics per task."""
+    """Evaluate `model` (a PyTorch causal LM or ExportedCausalLM) on the spec's tasks; metrics per task."""
     if not any(t.builtin for t in spec.tasks):  # local tasks never need the hub; built-in ones fetch their datasets
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval.models.huggingface import HFLM
