@@ -17,7 +17,7 @@ from slimlm.evaluate.catalogue import headline_values, plain_number
 from slimlm.evaluate.gates import describe_verdict
 from slimlm.export.clients import describe_verdict as describe_client
 from slimlm.manifest import Manifest
-from slimlm.stage import HF_QUANTIZED, ONNX
+from slimlm.stage import GGUF, HF_QUANTIZED, ONNX
 
 
 def tags_of(manifest: Manifest) -> list[str]:
@@ -31,6 +31,8 @@ def tags_of(manifest: Manifest) -> list[str]:
         return [str(config.get("dtype"))]
     if manifest.kind == "bitsandbytes":
         return ["bitsandbytes", f"{config.get('bits')}bit"]
+    if manifest.kind == "export" and config.get("format") == "gguf":
+        return ["gguf", str(config.get("quantize"))]
     if manifest.kind == "export":
         quantize = config.get("quantize")
         return ["onnx", *(["onnxruntime-genai"] if config.get("format") == "onnx-genai" else [])] + (
@@ -50,7 +52,7 @@ def card_text(
     tags = ["slimlm"] + [t for m in lineage[1:] for t in tags_of(m)]
     data = ModelCardData(
         base_model=facts.get("base_model"),
-        library_name="onnx" if manifest.artifact_format == ONNX else "transformers",
+        library_name={ONNX: "onnx", GGUF: "gguf"}.get(manifest.artifact_format or "", "transformers"),
         pipeline_tag="text-generation",
         tags=list(dict.fromkeys(tags)),
         license=facts.get("license"),
@@ -93,6 +95,8 @@ def _loading(manifest: Manifest) -> list[str]:
         if not clients:
             lines.append("- none (transformers.js, Optimum and onnxruntime-genai are not checked: `clients: false`)")
         return lines
+    if manifest.artifact_format == GGUF:
+        return _loading_gguf(manifest)
     lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
     lines += [
         f'model = AutoModelForCausalLM.from_pretrained("{manifest.artifact_path}")',
@@ -102,6 +106,31 @@ def _loading(manifest: Manifest) -> list[str]:
     if manifest.artifact_format == HF_QUANTIZED:
         lines += ["", "The weights are bitsandbytes-quantized: load it where bitsandbytes is installed (a GPU host)."]
     return lines
+
+
+def _loading_gguf(manifest: Manifest) -> list[str]:
+    path = f"{manifest.artifact_path}/model.gguf"
+    if manifest.metrics.get("runtime") == "llama.cpp":
+        return [
+            "llama.cpp, which measured this export's parity (through llama-cpp-python):",
+            "",
+            "```python",
+            "from llama_cpp import Llama",
+            "",
+            f'llm = Llama(model_path="{path}")',
+            "```",
+        ]
+    return [
+        "transformers, which read the file back (dequantized) to measure this export's parity; llama.cpp was not",
+        "installed, so the file is not checked in llama.cpp:",
+        "",
+        "```python",
+        "from transformers import AutoConfig, AutoModelForCausalLM",
+        "",
+        f'config = AutoConfig.from_pretrained("{manifest.artifact_path}")  # its GGUF reader maps no explicit head_dim',
+        f'model = AutoModelForCausalLM.from_pretrained("{manifest.artifact_path}", gguf_file="model.gguf", config=config)',
+        "```",
+    ]
 
 
 def write_card(folder: Path, text: str) -> None:
