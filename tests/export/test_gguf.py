@@ -235,3 +235,16 @@ def test_a_bitsandbytes_input_is_refused_at_plan_time(tiny_llama, tmp_path):
 def test_slimlm_generate_on_a_gguf_folder_says_where_it_runs(tiny_models, tmp_path):
     out, _ = export_gguf(tiny_models["llama"], tmp_path / "gguf", "q8_0")
     assert_one_clear_error(["generate", out, "def f"], tmp_path, "is a GGUF export, which runs in llama.cpp")
+
+
+def test_a_full_disk_while_writing_the_gguf_is_one_message_and_keeps_what_was_made(tiny_llama, tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, "No space left on device", "model.gguf")
+
+    path = write_recipe(tmp_path, tiny_llama)
+    run = tmp_path / "run"
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
+    assert_one_clear_error(["run", path, "--run-dir", run], tmp_path, "No space left on device while writing model.gguf", 4)
+    assert (run / "00-teacher" / "manifest.json").is_file() and not (run / "01-gguf").exists()

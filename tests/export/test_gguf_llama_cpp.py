@@ -167,3 +167,15 @@ def test_a_k_quant_of_rows_that_are_not_multiples_of_256_is_refused_before_writi
 
     path = write_recipe(tmp_path, tiny_llama, stages=EXPORT.format(options="quantize: q4_k_m"))
     assert_one_clear_error(["run", path, "--run-dir", tmp_path / "run"], tmp_path, "are not a multiple of 256 wide")
+
+
+def test_greedy_decoding_reads_the_last_logits_whether_or_not_every_position_is_kept(tiny_models, tmp_path):
+    """llama-cpp-python fills `scores` only with logits_all; the speed measurement decodes without it."""
+    out, _ = export_gguf(tiny_models["llama"], tmp_path / "gguf")
+    prompt = PROMPT[0, :8].tolist()
+    tokens = []
+    for logits_all in (True, False):
+        runtime = in_llama_cpp(out, logits_all=logits_all)
+        tokens.append(list(runtime.generate_ids(prompt, 12)))
+        runtime.close()
+    assert tokens[0] == tokens[1] == greedy(tiny_models["llama"], prompt, 12)

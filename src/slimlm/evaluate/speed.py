@@ -111,13 +111,11 @@ def _torch_steps(model):
 def _llama_cpp_steps(model):
     import numpy as np
 
-    llm = model.llm
-
     def step(ids, state, length):
         if state is None:
-            llm.reset()
-        llm.eval([int(t) for t in ids[0]])
-        return np.array([[int(np.argmax(llm.scores[llm.n_tokens - 1]))]]), True
+            model.llm.reset()
+        model.llm.eval([int(t) for t in ids[0]])
+        return np.array([[int(np.argmax(model.last_logits()))]]), True
 
     return step
 

@@ -13,6 +13,7 @@ llama.cpp would silently fall back to another type).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -123,6 +124,9 @@ def _tensor_type(hf_name, gguf_name, data, quantize, keep_8bit, quantize_embeddi
 
 def _llama_cpp_quantize(source: Path, out: Path, quantize: str, keep_8bit: list[str], tied: bool) -> None:
     import llama_cpp
+
+    # llama.cpp logs every tensor it converts through llama-cpp-python's logger; the types are reported instead
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FILE_TYPES[quantize].value

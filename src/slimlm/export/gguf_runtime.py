@@ -69,14 +69,20 @@ class LlamaCppModel:
             out[row] = self.llm.scores[: len(seq)]
         return out
 
+    def last_logits(self) -> np.ndarray:
+        """The logits after the last token evaluated (llama-cpp-python keeps `scores` only with logits_all)."""
+        pointer = self.llm._ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(pointer, shape=(self.vocab_size,))
+
     def generate_ids(self, prompt: list[int], steps: int) -> Iterator[int]:
         """Greedy continuation of `prompt` with llama.cpp's KV cache."""
         self.llm.reset()
         self.llm.eval(prompt)
-        for _ in range(steps):
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        for step in range(steps):
+            token = int(np.argmax(self.last_logits()))
             yield token
-            self.llm.eval([token])
+            if step + 1 < steps:
+                self.llm.eval([token])
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=False, special=False)

@@ -17,6 +17,7 @@ from typing import Any
 
 import gguf
 
+from slimlm.errors import UnsupportedModelError
 from slimlm.sources.models import tokenizer_sidecar
 
 # llama.cpp names a BPE pre-tokenizer by the sha256 of str(token ids) of this text (its converter's check text)
@@ -81,7 +82,9 @@ def _derive(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> dict[s
                 "regex and warns that generation quality may degrade"
             )
     else:
-        raise ValueError(f"{model_dir} has neither tokenizer.model nor a BPE tokenizer.json for llama.cpp to read")
+        raise UnsupportedModelError(
+            f"{model_dir} has neither tokenizer.model nor a BPE tokenizer.json, the vocabularies a GGUF holds"
+        )
     special = gguf.SpecialVocab(model_dir, load_merges="pre" in facts, n_vocab=vocab_size)
     special.add_to_gguf(writer, quiet=True)
     return facts
