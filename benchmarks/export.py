@@ -7,7 +7,10 @@ For each model: PyTorch fp32 eager `generate`, and slimlm's edge runtime (`sliml
 code path) on ONNX fp32, int8 and int4 (MatMulNBits) exports made as the quickstart makes them, in
 both formats: `onnx` (the dynamo exporter's graph, Optimum's layout) and `onnx-genai`
 (onnxruntime-genai's fused graph, quantized the same way); plus onnxruntime-genai's own int4 build
-run by its own runtime. The genai rows need head_dim % 16 == 0. Batch 1, greedy, prefill included,
+run by its own runtime. The genai rows need head_dim % 16 == 0. With llama-cpp-python installed (the
+[llama] extra), GGUF files written as `format: gguf` writes them (f16, q8_0, q4_1, q4_0, and llama.cpp's
+own q4_k_m mix) are timed in llama.cpp in the same rounds; a K-quant's rows that are not a multiple of 256
+wide fall back to other types inside llama.cpp, and the row says which types the file holds. Batch 1, greedy, prefill included,
 after one untimed warm-up each, medians of several rounds; speed ratios are to PyTorch fp32 (its default, a thread per
 core) in the same round, then the median. One more row times PyTorch on one thread: 0.55 to 0.68 times its
 two-thread speed on our 2-core machine, so a speed-up quoted against a one-thread PyTorch is 1.5 to 1.8 times
@@ -32,6 +35,8 @@ from common import ROOT, write_results
 from slimlm.edge import EdgeModel
 from slimlm.errors import StageFailed
 from slimlm.export.genai import build_genai
+from slimlm.export.gguf_file import llama_cpp_installed, tensor_types, write_gguf
+from slimlm.export.gguf_runtime import LlamaCppModel
 from slimlm.export.graph_quantize import quantize_weights
 from slimlm.export.onnx_graph import copy_side_files, export_onnx
 from slimlm.export.stage import linear_weights
@@ -52,13 +57,15 @@ INT8_B16 = dict(bits=8, block_size=16)
 INT4 = dict(bits=4, block_size=32, keep_8bit=["lm_head", "k_proj", "v_proj", "o_proj", "down_proj"])
 GPTQ_SAMPLES = 32
 ONE_THREAD = "pytorch fp32, 1 thread"
+GGUF_TYPES = ("f16", "q8_0", "q4_1", "q4_0", "q4_k_m")
 
 
 def weights_bytes(path: Path) -> int:
     return sum(
         p.stat().st_size
         for p in path.iterdir()
-        if p.suffix in (".safetensors", ".onnx", ".data", ".onnx_data") or p.name.endswith((".onnx.data", ".onnx_data"))
+        if p.suffix in (".safetensors", ".onnx", ".data", ".onnx_data", ".gguf")
+        or p.name.endswith((".onnx.data", ".onnx_data"))
     )
 
 
@@ -87,6 +94,36 @@ def agreement(model, edge: EdgeModel, blocks: torch.Tensor) -> float:
             same += (ref == got).sum().item()
             total += row.numel()
     return same / total
+
+
+def time_llama_cpp(runtime, ids: list[int], new_tokens: int) -> float:
+    t0 = time.perf_counter()
+    n = sum(1 for _ in runtime.generate_ids(ids, new_tokens))
+    return n / (time.perf_counter() - t0)
+
+
+def gguf_exports(name: str, model, model_dir: Path, teacher_dir: Path, work: Path) -> dict[str, Path]:
+    """The GGUF files `format: gguf` writes, one per type; none without llama-cpp-python to run them."""
+    if not llama_cpp_installed():
+        return {}
+    out = {}
+    for qtype in GGUF_TYPES:
+        folder = work / f"{name}-gguf-{qtype}"
+        folder.mkdir()
+        write_gguf(
+            model,
+            model_dir,
+            teacher_dir,
+            folder / "model.gguf",
+            qtype,
+            keep_8bit=[],
+            quantize_embeddings=True,
+            work_dir=work,
+            name=name,
+        )
+        copy_side_files(model_dir, folder)
+        out[f"gguf {qtype}"] = folder
+    return out
 
 
 def genai_build(model_dir: Path, out: Path) -> str | None:
@@ -125,7 +162,7 @@ def time_genai(model, ids: list[int], new_tokens: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path, int4: dict) -> dict:
+def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path, int4: dict, teacher_dir: Path) -> dict:
     model = load_model(model_dir)
     tok = load_tokenizer(model_dir)
     ids = tok(PROMPT, return_tensors="pt").input_ids
@@ -169,9 +206,15 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path,
             )
     edges = {k: EdgeModel(v) for k, v in exports.items()}
     genai_dir = work / f"{name}-genai-int4"
+    ggufs = gguf_exports(name, model, model_dir, teacher_dir, work)
+    threads = torch.get_num_threads()
+    llamas = {
+        k: LlamaCppModel(v, context=ids.shape[1] + new_tokens + 8, threads=threads, logits_all=False)
+        for k, v in ggufs.items()
+    }
 
     genai_model = None if genai_error else og_model(genai_dir)
-    speeds: dict[str, list[float]] = {"pytorch fp32": [], ONE_THREAD: [], **{k: [] for k in edges}}
+    speeds: dict[str, list[float]] = {"pytorch fp32": [], ONE_THREAD: [], **{k: [] for k in (*edges, *llamas)}}
     if genai_model is not None:
         speeds["onnxruntime-genai int4"] = []
     # one short untimed generation each first: a model's first call allocates and fills caches
@@ -179,6 +222,8 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path,
         time_torch(model, ids, 8)
     for edge in edges.values():
         time_edge(edge, ids[0].tolist(), 8)
+    for runtime in llamas.values():
+        time_llama_cpp(runtime, ids[0].tolist(), 8)
     if genai_model is not None:
         time_genai(genai_model, ids[0].tolist(), 8)
     for _ in range(repeats):  # interleaved, so drift in machine load hits every variant alike
@@ -190,15 +235,23 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path,
             torch.set_num_threads(threads)
         for k, edge in edges.items():
             speeds[k].append(time_edge(edge, ids[0].tolist(), new_tokens))
+        for k, runtime in llamas.items():
+            speeds[k].append(time_llama_cpp(runtime, ids[0].tolist(), new_tokens))
         if genai_model is not None:
             speeds["onnxruntime-genai int4"].append(time_genai(genai_model, ids[0].tolist(), new_tokens))
     rows = []
     for k, values in speeds.items():
         pytorch = k in ("pytorch fp32", ONE_THREAD)
-        path = model_dir if pytorch else exports.get(k, genai_dir)
+        path = model_dir if pytorch else exports.get(k) or ggufs.get(k) or genai_dir
         size = fp32_bytes if pytorch else weights_bytes(path)
-        # genai's own build is timed in its own runtime; slimlm's edge runtime runs it too, for agreement
-        agree = 1.0 if pytorch else agreement(model, edges.get(k) or EdgeModel(path), held_out)
+        if pytorch:
+            agree = 1.0
+        elif k in ggufs:  # logits of every position need a llama.cpp context that keeps them all
+            scorer = LlamaCppModel(path, context=held_out.shape[1], threads=threads)
+            agree = agreement(model, scorer, held_out)
+            scorer.close()
+        else:  # genai's own build is timed in its own runtime; slimlm's edge runtime runs it too, for agreement
+            agree = agreement(model, edges.get(k) or EdgeModel(path), held_out)
         rows.append(
             {
                 "variant": k,
@@ -209,6 +262,7 @@ def bench(name: str, model_dir: Path, repeats: int, new_tokens: int, work: Path,
                 "bytes": size,
                 "size_ratio": size / fp32_bytes,
                 "top1_agreement": agree,
+                **({"gguf_types": tensor_types(path / "model.gguf")} if k in ggufs else {}),
             }
         )
     return {
@@ -227,13 +281,13 @@ def print_table(r: dict) -> None:
         f"\n## {r['model']}  (batch 1, {r['new_tokens']} new tokens, greedy, prefill included, median of {r['repeats']}; "
         f"int4 keeps {', '.join(r['int4_keep_8bit'])} at 8 bits)\n"
     )
-    print("| variant | decode tokens/s | vs PyTorch fp32 | size MB | vs fp32 size | top-1 agreement |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | decode tokens/s | vs PyTorch fp32 | size MB | vs fp32 size | top-1 agreement | GGUF types |")
+    print("|---|---|---|---|---|---|---|")
     for row in r["rows"]:
         agree = f"{row['top1_agreement']:.4f}" if row["top1_agreement"] is not None else "n/a"
         print(
             f"| {row['variant']} | {row['tokens_per_second']:.1f} | {row['speed_ratio']:.2f}x | {row['bytes'] / 1e6:.1f} | "
-            f"{row['size_ratio']:.3f} | {agree} |"
+            f"{row['size_ratio']:.3f} | {agree} | {', '.join(f'{t} {n}' for t, n in row.get('gguf_types', {}).items())} |"
         )
     if r["genai_skipped"]:
         print(f"\nonnxruntime-genai: skipped ({r['genai_skipped']})")
@@ -249,7 +303,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export.json")
     args = parser.parse_args()
     int4 = {**INT4, "keep_8bit": args.keep_8bit}
-    models = {} if args.no_smollm2 else {"SmolLM2-135M": resolve_model(SMOLLM2)}
+    teacher = resolve_model(SMOLLM2)  # the student's tokenizer is the teacher's: its GGUFs take the teacher's metadata
+    models = {} if args.no_smollm2 else {"SmolLM2-135M": teacher}
     if args.student.is_dir():
         models["pruned student"] = args.student
     else:
@@ -257,7 +312,9 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as work:
         for name, path in models.items():
-            results.append(bench(name.replace(" ", "-"), path, args.repeats, args.new_tokens, Path(work), int4))
+            results.append(
+                bench(name.replace(" ", "-"), path, args.repeats, args.new_tokens, Path(work), int4, teacher)
+            )
             print_table(results[-1])
             sys.stdout.flush()
     write_results(args.out, {"results": results})
