@@ -21,6 +21,7 @@ from slimlm.export.onnx_graph import copy_side_files
 from slimlm.recipe import load_recipe
 from slimlm.runner import run_recipe
 from tests.conftest import FAMILIES, STORIES, assert_one_clear_error, build_tiny, needs_shared
+from tests.export.test_export import RECIPE as ONNX_RECIPE
 
 
 def export_gguf(model_dir, out, quantize="f32", teacher_dir=None, **options):
@@ -137,17 +138,7 @@ def test_an_unrecognised_pre_tokenizer_is_named_default_and_said(tokenizer_dir, 
 
 # ---------------------------------------------------------------- the recipe and the stage
 
-RECIPE = """\
-name: tiny
-model: {model}
-device: cpu
-data:
-  eval: {{source: "builtin:python-docs", split: test, seq_len: 32}}
-evaluation:
-  perplexity: {{data: eval, max_tokens: 256}}
-stages:
-{stages}
-"""
+RECIPE = ONNX_RECIPE.split("stages:\n")[0] + "stages:\n{stages}\n"  # the ONNX tests' header, other stages
 EXPORT = """\
   - name: gguf
     kind: export
