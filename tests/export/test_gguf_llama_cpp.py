@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -179,3 +180,37 @@ def test_greedy_decoding_reads_the_last_logits_whether_or_not_every_position_is_
         tokens.append(list(runtime.generate_ids(prompt, 12)))
         runtime.close()
     assert tokens[0] == tokens[1] == greedy(tiny_models["llama"], prompt, 12)
+
+
+@pytest.mark.parametrize(
+    "family,rope",
+    [
+        (
+            "llama",
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "rope_theta": 10000.0,
+            },
+        ),
+        ("llama", {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+        ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}),
+    ],
+    ids=["llama3", "linear", "yarn"],
+)
+def test_rope_scaling_is_what_llama_cpp_computes(family, rope, tokenizer_dir, tmp_path):
+    model_dir = build_tiny(family, tokenizer_dir, tmp_path / "model", rope_parameters=rope)
+    out, _ = export_gguf(model_dir, tmp_path / "gguf")
+    reader = gguf.GGUFReader(out / "model.gguf")
+    if rope["rope_type"] == "llama3":  # frequency factors as a tensor
+        assert "rope_freqs.weight" in {t.name for t in reader.tensors}
+    else:
+        assert reader.fields[f"{family}.rope.scaling.type"].contents() == rope["rope_type"]
+    runtime = in_llama_cpp(out, f32_cache=True)
+    try:
+        np.testing.assert_allclose(runtime.logits(PROMPT), pytorch_logits(model_dir, PROMPT), atol=1e-3)
+    finally:
+        runtime.close()
