@@ -1,7 +1,7 @@
 """Decode speed, size and agreement of exported models on SmolLM2-135M and its pruned student.
 
     python benchmarks/export.py [--student runs/quickstart/02-distill/model] [--repeats 3] [--new-tokens 128]
-                                [--keep-8bit lm_head k_proj ...] [--no-smollm2]
+                                [--keep-8bit lm_head k_proj ...] [--no-smollm2] [--gguf-pair]
 
 For each model: PyTorch fp32 eager `generate`, and slimlm's edge runtime (`slimlm generate`'s
 code path) on ONNX fp32, int8 and int4 (MatMulNBits) exports made as the quickstart makes them, in
@@ -10,7 +10,9 @@ both formats: `onnx` (the dynamo exporter's graph, Optimum's layout) and `onnx-g
 run by its own runtime. The genai rows need head_dim % 16 == 0. With llama-cpp-python installed (the
 [llama] extra), GGUF files written as `format: gguf` writes them (f16, q8_0, q4_1, q4_0, and llama.cpp's
 own q4_k_m mix) are timed in llama.cpp in the same rounds; a K-quant's rows that are not a multiple of 256
-wide fall back to other types inside llama.cpp, and the row says which types the file holds. Batch 1, greedy, prefill included,
+wide fall back to other types inside llama.cpp, and the row says which types the file holds.
+`--gguf-pair` times only the GGUF files of SmolLM2 and its student, interleaved in the same rounds, and
+gives the student's speed-up over the teacher's file of the same type (the median of per-round ratios). Batch 1, greedy, prefill included,
 after one untimed warm-up each, medians of several rounds; speed ratios are to PyTorch fp32 (its default, a thread per
 core) in the same round, then the median. One more row times PyTorch on one thread: 0.55 to 0.68 times its
 two-thread speed on our 2-core machine, so a speed-up quoted against a one-thread PyTorch is 1.5 to 1.8 times
@@ -293,6 +295,55 @@ def print_table(r: dict) -> None:
         print(f"\nonnxruntime-genai: skipped ({r['genai_skipped']})")
 
 
+def gguf_pair(teacher: Path, student: Path, repeats: int, new_tokens: int, work: Path) -> dict:
+    """The student's llama.cpp decode speed-up over the teacher's GGUF of the same type, interleaved rounds."""
+    threads = torch.get_num_threads()
+    runtimes, sizes, speeds = {}, {}, {}
+    for name, model_dir in (("teacher", teacher), ("student", student)):
+        model = load_model(model_dir)
+        for variant, folder in gguf_exports(name, model, model_dir, teacher, work).items():
+            runtimes[name, variant] = LlamaCppModel(folder, context=64 + new_tokens, threads=threads, logits_all=False)
+            sizes[name, variant] = weights_bytes(folder)
+            speeds[name, variant] = []
+        del model
+    ids = load_tokenizer(teacher)(PROMPT).input_ids
+    for runtime in runtimes.values():
+        time_llama_cpp(runtime, ids, 8)  # untimed warm-up
+    for _ in range(repeats):
+        for key, runtime in runtimes.items():
+            speeds[key].append(time_llama_cpp(runtime, ids, new_tokens))
+    rows = []
+    for variant in GGUF_TYPES:
+        t, s = speeds["teacher", f"gguf {variant}"], speeds["student", f"gguf {variant}"]
+        rows.append(
+            {
+                "type": variant,
+                "teacher_tokens_per_second": statistics.median(t),
+                "student_tokens_per_second": statistics.median(s),
+                "speedup": statistics.median(b / a for a, b in zip(t, s, strict=True)),
+                "teacher_bytes": sizes["teacher", f"gguf {variant}"],
+                "student_bytes": sizes["student", f"gguf {variant}"],
+            }
+        )
+    teacher_params = sum(p.numel() for p in load_model(teacher).parameters())
+    student_params = sum(p.numel() for p in load_model(student).parameters())
+    return {"rows": rows, "param_ratio": teacher_params / student_params, "repeats": repeats, "new_tokens": new_tokens}
+
+
+def print_pair(r: dict) -> None:
+    print(
+        f"\n## llama.cpp: the student against SmolLM2-135M, same GGUF type (batch 1, {r['new_tokens']} new tokens, "
+        f"median of {r['repeats']} interleaved rounds; parameter ratio {r['param_ratio']:.2f}x)\n"
+    )
+    print("| type | teacher tokens/s | student tokens/s | speed-up | teacher MB | student MB |")
+    print("|---|---|---|---|---|---|")
+    for row in r["rows"]:
+        print(
+            f"| {row['type']} | {row['teacher_tokens_per_second']:.1f} | {row['student_tokens_per_second']:.1f} | "
+            f"{row['speedup']:.2f}x | {row['teacher_bytes'] / 1e6:.1f} | {row['student_bytes'] / 1e6:.1f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", type=Path, default=ROOT / "runs" / "quickstart" / "02-distill" / "model")
@@ -300,10 +351,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--keep-8bit", nargs="+", default=INT4["keep_8bit"], help="the int4 exports' 8-bit layers")
     parser.add_argument("--no-smollm2", action="store_true", help="only the student")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export.json")
+    parser.add_argument("--gguf-pair", action="store_true", help="only the GGUF files, teacher and student interleaved")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/export(-gguf-pair).json")
     args = parser.parse_args()
+    out = args.out or ROOT / "benchmarks" / "results" / ("export-gguf-pair.json" if args.gguf_pair else "export.json")
     int4 = {**INT4, "keep_8bit": args.keep_8bit}
     teacher = resolve_model(SMOLLM2)  # the student's tokenizer is the teacher's: its GGUFs take the teacher's metadata
+    if args.gguf_pair:
+        with tempfile.TemporaryDirectory() as work:
+            pair = gguf_pair(teacher, args.student, args.repeats, args.new_tokens, Path(work))
+        print_pair(pair)
+        write_results(out, pair)
+        return
     models = {} if args.no_smollm2 else {"SmolLM2-135M": teacher}
     if args.student.is_dir():
         models["pruned student"] = args.student
@@ -317,7 +376,7 @@ def main() -> None:
             )
             print_table(results[-1])
             sys.stdout.flush()
-    write_results(args.out, {"results": results})
+    write_results(out, {"results": results})
 
 
 if __name__ == "__main__":
