@@ -237,5 +237,7 @@ def test_a_full_disk_while_writing_the_gguf_is_one_message_and_keeps_what_was_ma
     path = write_recipe(tmp_path, tiny_llama)
     run = tmp_path / "run"
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
-    assert_one_clear_error(["run", path, "--run-dir", run], tmp_path, "No space left on device while writing model.gguf", 4)
+    assert_one_clear_error(
+        ["run", path, "--run-dir", run], tmp_path, "No space left on device while writing model.gguf", 4
+    )
     assert (run / "00-teacher" / "manifest.json").is_file() and not (run / "01-gguf").exists()
