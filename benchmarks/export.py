@@ -36,8 +36,9 @@ from common import ROOT, write_results
 
 from slimlm.edge import EdgeModel
 from slimlm.errors import StageFailed
+from slimlm.export.config import llama_cpp_installed
 from slimlm.export.genai import build_genai
-from slimlm.export.gguf_file import llama_cpp_installed, tensor_types, write_gguf
+from slimlm.export.gguf_file import tensor_types, write_gguf
 from slimlm.export.gguf_runtime import LlamaCppModel
 from slimlm.export.graph_quantize import quantize_weights
 from slimlm.export.onnx_graph import copy_side_files, export_onnx

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from slimlm import safe_yaml
+from slimlm.compress.config import PruneConfig
 from slimlm.errors import RecipeError, SourceError
 from slimlm.evaluate.catalogue import ALWAYS_MEASURED, ALWAYS_MEASURED_EXPORT
 from slimlm.evaluate.spec import Evaluation, gate_metric_names, metric_is_known, task_problems
@@ -304,7 +305,7 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
     seen: dict[str, int] = {}
     fmt, producer = HF, "the teacher"
     formats = {"teacher": (HF, "the teacher")}
-    rounding: dict[str, int | None] = {"teacher": None}  # the round_to of the last prune upstream of each stage
+    rounding: dict[str, int | None] = {"teacher": None}  # the width rounding of the last prune upstream of each stage
     previous = "teacher"
     for i, stage in enumerate(recipe.stages):
         always = set(ALWAYS_MEASURED_EXPORT if stage.produces in (ONNX, GGUF) else ALWAYS_MEASURED)
@@ -344,7 +345,8 @@ def check_recipe(recipe: Recipe, where: Locator) -> None:
             )
         fmt, producer = stage.produces, f"stage '{stage.name}'"
         formats[stage.name] = (fmt, producer)
-        rounding[stage.name] = getattr(stage, "round_to", None) or rounding[stage.input or previous]
+        upstream = rounding[stage.input or previous]
+        rounding[stage.name] = stage.width_rounding if isinstance(stage, PruneConfig) else upstream
         previous = stage.name
         round_to = rounding[stage.name]
         if getattr(stage, "quantize", None) in GGUF_K_QUANTS and round_to and round_to % K_QUANT_BLOCK:

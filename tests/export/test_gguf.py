@@ -128,12 +128,15 @@ def test_a_teacher_read_from_a_gguf_hands_its_tokenizer_metadata_through_unchang
 
 
 def test_an_unrecognised_pre_tokenizer_is_named_default_and_said(tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
     from slimlm.export.gguf_vocab import pre_tokenizer_name
 
     spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
-    assert pre_tokenizer_name(tokenizer_dir, spec) == ("gpt-2", True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert pre_tokenizer_name(tokenizer, spec) == ("gpt-2", True)
     spec["pre_tokenizer"] = {"type": "Whitespace"}
-    assert pre_tokenizer_name(tokenizer_dir, spec) == ("default", False)
+    assert pre_tokenizer_name(tokenizer, spec) == ("default", False)
 
 
 # ---------------------------------------------------------------- the recipe and the stage

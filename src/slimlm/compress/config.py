@@ -72,6 +72,15 @@ class PruneConfig(StageConfig):
 
     metrics = frozenset({"importance_seconds", "calibration_tokens"})
 
+    @property
+    def width_rounding(self) -> int | None:
+        """The multiple this stage rounds hidden and MLP widths to, or None when it leaves them as they are
+        (depth only, or width axes without hidden and mlp)."""
+        t = self.target
+        if t.params is not None or t.nonembedding_params is not None:
+            return self.round_to if {"hidden", "mlp"} & set(self.width.axes) else None
+        return self.round_to if t.hidden is not None or t.ffn is not None else None
+
     @model_validator(mode="after")
     def _offload_needs_activations(self) -> PruneConfig:
         if self.offload and self.width.method == "magnitude":

@@ -19,16 +19,15 @@ from typing import Any
 
 from slimlm.errors import StageFailed, last_line
 from slimlm.evaluate.spec import SpeedEval
+from slimlm.export.config import llama_cpp_installed
+from slimlm.export.gguf_runtime import GGUF_FILE
 
 
 def measure_speed(
     path: Path, spec: SpeedEval, *, dtype: str, device: str, trust_remote_code: bool
 ) -> dict[str, Any] | None:
     """Run the measurement in a child process and return its figures (None: a GGUF without llama.cpp to run it)."""
-    from slimlm.export.gguf_file import llama_cpp_installed
-    from slimlm.export.gguf_runtime import is_gguf
-
-    if is_gguf(path) and not llama_cpp_installed():
+    if (path / GGUF_FILE).is_file() and not llama_cpp_installed():
         return None
     args = {"path": str(path), "spec": spec.model_dump(), "dtype": dtype, "device": device, "trust": trust_remote_code}
     proc = subprocess.run(
@@ -49,7 +48,7 @@ def _run(path: Path, spec: SpeedEval, dtype: str, device: str, trust: bool) -> d
         from slimlm.edge import EdgeModel
 
         step_fn, vocab = _onnx_steps(EdgeModel(path, threads=spec.threads), spec.prompt_tokens + spec.new_tokens)
-    elif (path / "model.gguf").is_file():
+    elif (path / GGUF_FILE).is_file():
         from slimlm.export.gguf_runtime import LlamaCppModel
 
         model = LlamaCppModel(

@@ -14,7 +14,13 @@ ONNX_TYPES = ("none", "int8", "int4")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k")
 GGUF_K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # llama.cpp's own mixes, made by its quantizer (the [llama] extra)
 K_QUANT_BLOCK = 256  # values per K-quant block: every matrix row must be a multiple of it
+INSTALL_LLAMA = "pip install 'slimlm[llama]' (it builds llama-cpp-python from source: about 10 minutes on 2 cores)"
 ONNX_ONLY = ("block_size", "embedding_bits", "smooth", "gptq", "clients")
+
+
+def llama_cpp_installed() -> bool:
+    """Whether llama-cpp-python (the [llama] extra) is installed, found without importing it."""
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 class ParityOptions(Strict):
@@ -26,7 +32,7 @@ class ParityOptions(Strict):
 
 class ExportConfig(StageConfig):
     kind: Literal["export"]
-    # onnx-genai: onnxruntime-genai's fused graph (faster on CPUs); gguf: one model.gguf for llama.cpp and ollama
+    # onnx-genai: onnxruntime-genai's fused graph (faster on CPUs); gguf: one model.gguf for llama.cpp
     format: Literal["onnx", "onnx-genai", "gguf"] = "onnx"
     quantize: Literal[ONNX_TYPES + GGUF_TYPES] = Field(  # type: ignore[valid-type]
         "int8", description="ONNX: none, int8 or int4. GGUF (default q8_0): " + ", ".join(GGUF_TYPES)
@@ -98,10 +104,9 @@ class ExportConfig(StageConfig):
                 raise ValueError(
                     f"llama.cpp's quantizer can keep only lm_head and embed_tokens at 8 bits, not {', '.join(odd)}"
                 )
-            if importlib.util.find_spec("llama_cpp") is None:
+            if not llama_cpp_installed():
                 raise ValueError(
                     f"quantize {self.quantize} is made by llama.cpp's quantizer, which is not installed: "
-                    "pip install 'slimlm[llama]' (it builds llama-cpp-python: about 8 minutes on 2 cores), "
-                    "or use q4_1 or q8_0"
+                    f"{INSTALL_LLAMA}, or use q4_1 or q8_0"
                 )
         return self

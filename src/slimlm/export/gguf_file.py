@@ -43,14 +43,6 @@ HEAD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
 TABLE = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
 
 
-def llama_cpp_installed() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def k_quant_misfits(state: dict[str, Any]) -> list[str]:
     """The matrices whose rows a 256-value K-quant block does not divide: `name (width)`."""
     return [
@@ -74,11 +66,11 @@ def write_gguf(
 ) -> dict[str, Any]:
     """Write `out` (model.gguf); return facts about it: tensor types, tokenizer origin, fallbacks."""
     config = model.config
-    gguf_family(config)  # refuses what llama.cpp cannot compute before anything is written
+    family = gguf_family(config)  # refuses what llama.cpp cannot compute before anything is written
     state = model.state_dict()
     k_quant = quantize in GGUF_K_QUANTS
     target = work_dir / "f32.gguf" if k_quant else out
-    writer = gguf.GGUFWriter(target, gguf.MODEL_ARCH_NAMES[gguf_family(config).arch])
+    writer = gguf.GGUFWriter(target, gguf.MODEL_ARCH_NAMES[family.arch])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_file_type(FILE_TYPES["f32" if k_quant else quantize])

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slimlm.export.gguf_file import llama_cpp_installed
+from slimlm.errors import RecipeError
+from slimlm.export.config import llama_cpp_installed
 from slimlm.progress import library_bars
 
 GGUF_FILE = "model.gguf"
@@ -33,7 +34,20 @@ def open_gguf(path: Path, *, context: int = 2048, threads: int | None = None):
     return TransformersGGUF(Path(path))
 
 
-class LlamaCppModel:
+class _Runtime:
+    """Both runtimes close what they hold when a `with` block ends."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+class LlamaCppModel(_Runtime):
     runtime = LLAMA_CPP
 
     def __init__(
@@ -47,7 +61,7 @@ class LlamaCppModel:
     ):
         from llama_cpp import GGML_TYPE_F32, Llama
 
-        self.path = path
+        self.path, self.context = path, context  # (llama.cpp may round its own context up; slimlm's buffers are this)
         self.llm = Llama(
             model_path=str(path / GGUF_FILE),
             n_ctx=context,
@@ -62,6 +76,11 @@ class LlamaCppModel:
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """[batch, seq] token ids -> [batch, seq, vocab] fp32 logits, one sequence at a time."""
+        if ids.shape[1] > self.context:
+            raise RecipeError(
+                f"a sequence of {ids.shape[1]} tokens is longer than the {self.context}-token llama.cpp context "
+                "slimlm scores this GGUF in; lower the evaluation's seq_len (or the task's context) for GGUF stages"
+            )
         out = np.empty((*ids.shape, self.vocab_size), dtype=np.float32)
         for row, seq in enumerate(np.asarray(ids)):
             self.llm.reset()
@@ -91,7 +110,7 @@ class LlamaCppModel:
         self.llm.close()
 
 
-class TransformersGGUF:
+class TransformersGGUF(_Runtime):
     runtime = TRANSFORMERS
 
     def __init__(self, path: Path):
@@ -120,6 +139,3 @@ class TransformersGGUF:
                 ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=steps, do_sample=False
             )
         yield from out[0, len(prompt) :].tolist()
-
-    def close(self) -> None:
-        pass

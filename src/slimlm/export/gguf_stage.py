@@ -1,4 +1,4 @@
-"""`kind: export` with `format: gguf` — one model.gguf for llama.cpp (and ollama, LM Studio), checked in llama.cpp.
+"""`kind: export` with `format: gguf` — one model.gguf for llama.cpp, checked in llama.cpp.
 
 The folder it writes holds model.gguf beside the input's config and tokenizer files, so slimlm's evaluation
 (and `transformers`, which reads a GGUF back) find them. Parity is measured in llama.cpp when
@@ -12,7 +12,7 @@ from pathlib import Path
 from slimlm.export.checks import check_keep_8bit, refuse_quantized_input
 from slimlm.export.config import GGUF_K_QUANTS, ExportConfig
 from slimlm.export.gguf_arch import gguf_family
-from slimlm.export.gguf_file import k_quant_misfits, llama_cpp_installed, write_gguf
+from slimlm.export.gguf_file import k_quant_misfits, write_gguf
 from slimlm.export.gguf_runtime import GGUF_FILE, LLAMA_CPP, open_gguf
 from slimlm.export.onnx_graph import copy_side_files
 from slimlm.export.parity import parity, parity_blocks, report_parity
@@ -20,7 +20,6 @@ from slimlm.progress import status
 from slimlm.sources.models import load_model, load_tokenizer
 from slimlm.stage import StageContext, StageResult, field_error
 
-INSTALL_LLAMA = "pip install 'slimlm[llama]' (it builds llama-cpp-python from source: about 8 minutes on 2 cores)"
 # Strings whose tokenization llama.cpp must share with the HF tokenizer: ASCII, accents, emoji, code and digits.
 # (Leading spaces are left out: llama.cpp's SentencePiece tokenizer splits them unlike HF's, a known difference.)
 TOKENIZER_PROBES = (
@@ -33,9 +32,7 @@ TOKENIZER_PROBES = (
 
 
 def run(config: ExportConfig, context: StageContext) -> StageResult:
-    refuse_quantized_input(config, context.input_dir)
-    if config.quantize in GGUF_K_QUANTS and not llama_cpp_installed():
-        raise field_error(config, "quantize", f"{config.quantize} is made by llama.cpp's quantizer: {INSTALL_LLAMA}")
+    refuse_quantized_input(config, context.input_dir)  # (a K-quant without llama.cpp is refused at plan time)
     model = load_model(context.input_dir, dtype="float32", device="cpu", trust_remote_code=context.trust_remote_code)
     gguf_family(model.config)
     if config.quantize in GGUF_K_QUANTS and (misfits := k_quant_misfits(model.state_dict())):
@@ -72,15 +69,12 @@ def run(config: ExportConfig, context: StageContext) -> StageResult:
 
 def _parity(config: ExportConfig, context: StageContext, model, out: Path) -> dict:
     blocks = parity_blocks(config, context, model)
-    runtime = open_gguf(out, context=blocks.shape[1] + config.parity.greedy_steps + 16)
-    status(f"measuring the GGUF in {runtime.runtime}")
-    try:
+    with open_gguf(out, context=blocks.shape[1] + config.parity.greedy_steps + 16) as runtime:
+        status(f"measuring the GGUF in {runtime.runtime}")
         metrics = parity(model, runtime, blocks, config.parity.greedy_steps)
         metrics["runtime"] = runtime.runtime
         if runtime.runtime == LLAMA_CPP:
             metrics["tokenizer_match"] = _tokenizer_match(runtime, context.input_dir)
-    finally:
-        runtime.close()
     report_parity(metrics)
     return metrics
 

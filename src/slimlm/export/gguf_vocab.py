@@ -69,8 +69,11 @@ def _derive(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> dict[s
     elif model.get("type") == "BPE" and model.get("byte_fallback"):  # SentencePiece's BPE, as tokenizer.json
         _write_llama_vocab(writer, gguf.LlamaHfVocab(model_dir), vocab_size)
     elif model.get("type") == "BPE":
-        tokens, types = _bpe_tokens(model_dir, vocab_size)
-        pre, found = pre_tokenizer_name(model_dir, spec)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokens, types = _bpe_tokens(tokenizer, vocab_size)
+        pre, found = pre_tokenizer_name(tokenizer, spec)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
@@ -107,12 +110,9 @@ def _write_llama_vocab(writer: gguf.GGUFWriter, vocab, vocab_size: int) -> None:
     writer.add_token_types(types)
 
 
-def _bpe_tokens(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+def _bpe_tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     """Token strings by id, and their llama.cpp types: an added special token is CONTROL, another added one
     USER_DEFINED (pre-normalised, as llama.cpp expects), an id the tokenizer lacks UNUSED."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
@@ -135,12 +135,10 @@ def _bpe_tokens(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int]]
     return tokens, types
 
 
-def pre_tokenizer_name(model_dir: Path, spec: dict) -> tuple[str, bool]:
+def pre_tokenizer_name(tokenizer, spec: dict) -> tuple[str, bool]:
     """llama.cpp's name for a byte-level BPE's pre-tokenizer: by fingerprint, else by the tokenizer.json's shape
     (a plain GPT-2 split, or SmolLM's: single digits, then GPT-2), else "default" (found: False)."""
-    from transformers import AutoTokenizer
-
-    ids = AutoTokenizer.from_pretrained(model_dir).encode(FINGERPRINT_TEXT)
+    ids = tokenizer.encode(FINGERPRINT_TEXT)
     name = KNOWN_FINGERPRINTS.get(sha256(str(ids).encode()).hexdigest())
     if name:
         return name, True
