@@ -263,3 +263,87 @@ def test_a_non_finite_loss_stops_the_stage_and_keeps_the_last_checkpoint(tiny_ll
     assert e.value.exit_code == 4
     assert list((tmp_path / "run" / ".work").glob("*/step-00000002/progress.json"))
     assert not (tmp_path / "run" / "02-distill").exists()
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it(monkeypatch):
+    from slimlm.distill import precision
+
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: True)
+    assert precision.resolve_mixed_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: False)
+    assert precision.resolve_mixed_precision("auto", "cpu") == "no"
+    assert precision.resolve_mixed_precision("bf16", "cpu") == "bf16"  # asked for: given, even where it is slow
+    assert precision.resolve_teacher_dtype(None, "bf16", "float32") == "bfloat16"
+    assert precision.resolve_teacher_dtype(None, "no", "float32") == "float32"
+    assert precision.resolve_teacher_dtype("float32", "bf16", "float32") == "float32"
+
+
+def test_stages_in_different_precisions_run_in_one_process_and_the_manifest_says_which(tiny_llama, tmp_path):
+    # an fp32 teacher correction, then bf16 distillation: accelerate's per-process state must not carry over
+    recipe = RECIPE.format(model=tiny_llama).replace(
+        "stages:\n",
+        (
+            "stages:\n"
+            "  - {name: correct, kind: distill, data: train, method: full, steps: 2, becomes_teacher: true,\n"
+            "     loss: {logits: none, ce_weight: 1.0}, checkpoint_every: 0}\n"
+        ),
+    )
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe)
+    run_recipe(load_recipe(path, ["stages.distill.mixed_precision=bf16"]), tmp_path / "run")
+    corrected = json.loads((tmp_path / "run" / "01-correct" / "manifest.json").read_text())["stage_metrics"]
+    distilled = json.loads((tmp_path / "run" / "03-distill" / "manifest.json").read_text())["stage_metrics"]
+    assert (corrected["mixed_precision"], corrected["teacher_dtype"]) == ("no", None)
+    assert (distilled["mixed_precision"], distilled["teacher_dtype"]) == ("bf16", "bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "03-distill" / "model")
+    assert model.dtype == torch.float32  # trained under bf16 autocast, saved in the recipe's dtype
+
+
+def test_a_cached_teacher_trains_the_same_student_and_is_read_after_the_first_pass(tiny_llama, tmp_path):
+    # 16 blocks in batches of 2: the first 8 steps fill the cache, the next 12 read it
+    loss = "stages.distill.loss={logits: forward_kl, top_k: 8, chunk: 24}"
+    common = ["stages.distill.steps=20", "stages.distill.checkpoint_every=0", loss]
+    _run(tmp_path, tiny_llama, "plain", *common)
+    _run(tmp_path, tiny_llama, "cached", *common[:-1], loss.replace("chunk: 24", "chunk: 24, cache_teacher: true"))
+    cached = json.loads((tmp_path / "cached" / "02-distill" / "manifest.json").read_text())["stage_metrics"]
+    plain = json.loads((tmp_path / "plain" / "02-distill" / "manifest.json").read_text())["stage_metrics"]
+    assert cached["teacher_cache"] == {"read": 12, "computed": 8}
+    assert cached["loss_curve"] == pytest.approx(plain["loss_curve"], rel=1e-5)
+    a = load_file(tmp_path / "plain" / "02-distill" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cached" / "02-distill" / "model" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_the_teacher_cache_needs_top_k_and_no_hidden_loss(tiny_llama, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(model=tiny_llama))
+    for loss in ("{cache_teacher: true}", "{cache_teacher: true, top_k: 8, hidden: cosine}"):
+        with pytest.raises(RecipeError, match="cache_teacher keeps the teacher's top-k logits only"):
+            load_recipe(path, [f"stages.distill.loss={loss}"])
+
+
+def test_lora_base_stored_in_bf16_computes_what_autocast_computes(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    from slimlm.distill.stage import _frozen_linears_to_bf16
+
+    def lora_model():
+        torch.manual_seed(0)
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_llama),
+            LoraConfig(r=4, target_modules=["q_proj", "down_proj", "up_proj"]),
+        )
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # an adapter that changes the output
+        return model
+
+    ids = torch.randint(3, 500, (2, 16))
+    cast_every_call, cast_once = lora_model(), lora_model()
+    _frozen_linears_to_bf16(cast_once)
+    assert cast_once.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.dtype == torch.bfloat16
+    assert cast_once.base_model.model.model.embed_tokens.weight.dtype == torch.float32  # the residual stream stays fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = cast_every_call(input_ids=ids).logits, cast_once(input_ids=ids).logits
+    assert torch.equal(a, b)

@@ -18,11 +18,25 @@ class LossOptions(Strict):
     ce_weight: float = Field(0.0, ge=0, description="weight of cross-entropy on the data's next tokens")
     hidden: Literal["cosine", "mse"] | None = None
     hidden_weight: float = Field(1.0, ge=0)
+    cache_teacher: bool = Field(
+        False,
+        description="keep the teacher's top-k logits of each block on disk, so passes after the first skip the teacher",
+    )
+    chunk: int = Field(
+        1024,
+        ge=1,
+        description="positions whose logits are formed at once: peak loss memory is chunk x vocabulary, not the batch's",
+    )
 
     @model_validator(mode="after")
     def _some_loss(self) -> LossOptions:
         if self.logits == "none" and self.ce_weight == 0 and self.hidden is None:
             raise ValueError("the loss is empty: set logits, ce_weight or hidden")
+        if self.cache_teacher and (self.top_k is None or self.logits == "none" or self.hidden is not None):
+            raise ValueError(
+                "cache_teacher keeps the teacher's top-k logits only: it needs a logit loss with top_k "
+                "(e.g. top_k: 64) and no hidden-state loss"
+            )
         return self
 
 
@@ -67,8 +81,13 @@ class DistillConfig(StageConfig):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # bf16/fp16 autocast with fp32 master weights and optimizer state; auto: bf16 where the device computes it
+    # (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else fp32. The manifest records what was used.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="the teacher's weights: by default bf16/fp16 under that mixed precision, else the recipe's dtype",
+    )
     checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints; 0 disables them")
     becomes_teacher: bool = Field(
         False, description="teacher correction: later stages use this output as their teacher"

@@ -9,33 +9,18 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from slimlm import arch
 from slimlm.distill.config import DistillConfig
-from slimlm.distill.losses import LOGIT_LOSSES, hidden_state_loss, layer_mapping, top_k_teacher
+from slimlm.distill.losses import layer_mapping
+from slimlm.distill.objective import Student, TeacherStates
+from slimlm.distill.precision import resolve_mixed_precision, resolve_teacher_dtype
 from slimlm.distill.train import TrainPlan, train
 from slimlm.errors import SourceError
 from slimlm.progress import status, track
 from slimlm.sources.models import load_model, load_tokenizer, save_model
 from slimlm.stage import StageContext, StageResult, field_error
-
-
-class Student(torch.nn.Module):
-    """The student plus the projections that map its hidden states to the teacher's width.
-
-    The forward pass goes through this module (not `.model`) so that DDP, FSDP or DeepSpeed,
-    which wrap it, see every call and synchronise gradients.
-    """
-
-    def __init__(self, model, projections: torch.nn.ModuleList | None, layers: list[int]):
-        super().__init__()
-        self.model, self.projections, self.layers = model, projections, layers
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits, and the chosen layers' hidden states projected to the teacher's width."""
-        out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=bool(self.layers))
-        hidden = [self.projections[k](out.hidden_states[i + 1]) for k, i in enumerate(self.layers)]
-        return out.logits, hidden
 
 
 def check_tokenizers(student_tok, teacher_tok) -> None:
@@ -50,7 +35,13 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
     trust = context.trust_remote_code
     tokenizer = load_tokenizer(context.input_dir, trust_remote_code=trust)
     check_tokenizers(tokenizer, load_tokenizer(context.teacher_dir, trust_remote_code=trust))
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=context.device == "cpu")
+    precision = resolve_mixed_precision(config.mixed_precision, context.device)
+    teacher_dtype = resolve_teacher_dtype(config.teacher_dtype, precision, context.dtype)
+    # accelerate keeps one state per process, fixed by the first Accelerator: a run whose distill stages train in
+    # different precisions (an fp32 teacher correction, then bf16 distillation) needs it reset. The process group,
+    # held by PartialState, is kept.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=precision, cpu=context.device == "cpu")
     student = (
         _load_4bit(context.input_dir, context.device, trust)
         if config.method == "qlora"
@@ -61,7 +52,7 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
     if config.needs_teacher:  # cross-entropy alone (e.g. teacher correction) trains without one
         teacher = load_model(
             context.teacher_dir,
-            dtype=config.teacher_dtype or context.dtype,
+            dtype=teacher_dtype,
             device=str(accelerator.device),
             trust_remote_code=trust,
         )
@@ -82,6 +73,9 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
 
     if config.method in ("lora", "qlora"):
         student = _with_lora(student, config)
+    bf16_base = config.method == "lora" and precision == "bf16"
+    if bf16_base:
+        _frozen_linears_to_bf16(student)
     projections, mapping = None, []
     if config.loss.hidden:
         mapping = layer_mapping(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
@@ -92,34 +86,21 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
                 for _ in mapping
             ]
         )
-    module = Student(student, projections, [i for i, _ in mapping])
-    loss = config.loss
+    module = Student(student, config.loss, vocab, projections, mapping)
+    teacher_layers = [j for _, j in mapping]
+    cache = _teacher_cache(config, context, blocks, steps * tokens_per_step, vocab) if teacher is not None else None
 
-    def loss_fn(m: Student, ids: torch.Tensor) -> torch.Tensor:
-        s_logits, s_hidden = m(ids)
-        s_logits = s_logits[..., :vocab]
-        if teacher is not None:
-            with torch.no_grad():
-                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=bool(mapping))
-            t_logits = t_out.logits[..., :vocab]
-        total = torch.zeros((), device=ids.device)
-        if loss.logits != "none":
-            s_flat, t_flat = s_logits.reshape(-1, vocab), t_logits.reshape(-1, vocab)
-            if loss.top_k:
-                s_flat, t_flat = top_k_teacher(s_flat, t_flat, loss.top_k)
-            fn = LOGIT_LOSSES[loss.logits]
-            kwargs = {"beta": loss.jsd_beta} if loss.logits == "jsd" else {}
-            total = total + fn(s_flat, t_flat, loss.temperature, **kwargs)
-        if loss.ce_weight:
-            total = total + loss.ce_weight * torch.nn.functional.cross_entropy(
-                s_logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1)
-            )
-        if mapping:
-            pairs = [(s, t_out.hidden_states[j + 1]) for s, (_, j) in zip(s_hidden, mapping, strict=True)]
-            total = total + loss.hidden_weight * sum(hidden_state_loss(s, t, loss.hidden) for s, t in pairs) / len(
-                pairs
-            )
-        return total
+    def loss_fn(m: Student, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if teacher is None:
+            return m(ids, None)
+        if cache is None:
+            return m(ids, TeacherStates.of(teacher, ids, teacher_layers))
+        top = cache.lookup(rows)
+        if top is None:
+            states = TeacherStates.top_k_of(teacher, ids, config.loss.top_k, vocab, config.loss.chunk)
+            cache.store(rows, *states.top)
+            return m(ids, states)
+        return m(ids, TeacherStates(None, None, [], tuple(t.to(ids.device) for t in top)))
 
     plan = TrainPlan(
         steps=steps,
@@ -133,18 +114,22 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
         seed=context.seed,
     )
     status(
-        f"{steps} optimizer steps of {tokens_per_step:,} tokens ({config.method}); checkpoints in {context.work_dir}"
+        f"{steps} optimizer steps of {tokens_per_step:,} tokens ({config.method}, "
+        f"{'fp32' if precision == 'no' else precision + ' autocast'}, teacher in {teacher_dtype if teacher else 'none'}); "
+        f"checkpoints in {context.work_dir}"
     )
     log = train(module, loss_fn, blocks, plan, accelerator, context.work_dir, progress=track)
     if log.resumed_from:
         status(f"resumed from the checkpoint at step {log.resumed_from}")
+    if cache is not None:
+        status(f"teacher top-{config.loss.top_k}: {cache.hits} batches read from the cache, {cache.misses} computed")
     unwrapped = accelerator.unwrap_model(module)
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):  # sharded: gather the full weights first
         unwrapped.load_state_dict(accelerator.get_state_dict(module), strict=False)
     trained = unwrapped.model
-    if config.method == "lora":
+    if config.method == "lora" and not bf16_base:
         trained = trained.merge_and_unload()
-    elif config.method == "qlora":  # merge the adapter into the full-precision weights, not the 4-bit ones
+    elif config.method != "full":  # merge the adapter into the full-precision weights, not the 4-bit or bf16 ones
         trained = _merge_into_full_precision(trained, context.input_dir, config, trust)
     if accelerator.is_main_process:
         save_model(trained.to(getattr(torch, context.dtype)), tokenizer, context.output_dir / "model")
@@ -159,8 +144,33 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
             "tokens_per_second": new_tokens / log.seconds if log.seconds else None,
             "loss_curve": log.losses[:: max(1, len(log.losses) // 100)],
             "resumed_from_step": log.resumed_from,
+            "mixed_precision": precision,
+            **({"teacher_cache": {"read": cache.hits, "computed": cache.misses}} if cache is not None else {}),
+            "teacher_dtype": teacher_dtype if teacher is not None else None,
         },
     )
+
+
+def _teacher_cache(config: DistillConfig, context: StageContext, blocks: torch.Tensor, tokens: int, vocab: int):
+    """The on-disk store of the teacher's top-k logits (loss.cache_teacher), after checking it fits the disk."""
+    from slimlm.distill.teacher_cache import TeacherTopK, cache_bytes, free_bytes
+
+    k = config.loss.top_k
+    if k is not None and k > vocab:
+        raise field_error(config, "loss.top_k", f"top_k {k} is more than the vocabulary's {vocab:,} tokens")
+    if not config.loss.cache_teacher:
+        return None
+    folder = context.work_dir / "teacher"
+    seen = min(len(blocks), -(-tokens // blocks.shape[1]))  # blocks the run visits; the rest stay sparse
+    need, free = cache_bytes(seen, blocks.shape[1], k), free_bytes(folder)
+    if need > free:
+        raise field_error(
+            config,
+            "loss.cache_teacher",
+            f"the teacher's top-{k} logits of {seen:,} blocks take {need / 2**30:.1f} GiB and the disk under "
+            f"{context.work_dir} has {free / 2**30:.1f} GiB free; lower top_k or turn the cache off",
+        )
+    return TeacherTopK(folder, len(blocks), blocks.shape[1], k)
 
 
 def _load_4bit(path, device: str, trust: bool):
@@ -177,6 +187,20 @@ def _load_4bit(path, device: str, trust: bool):
         path, quantization_config=quantization, device_map=device, trust_remote_code=trust
     )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _frozen_linears_to_bf16(model) -> None:
+    """Store LoRA's frozen base matrices in bf16, as autocast would cast them before every matmul anyway.
+
+    autocast caches the bf16 copy of a trainable weight for a step but casts a frozen one again at every
+    call; cast once, the forward computes the same values without that pass over the weights. Embeddings
+    and norms stay in fp32, so the residual stream does too.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and "lora_" not in name:
+            if module is model.get_output_embeddings():
+                continue  # the head may be the embedding table itself
+            module.to(torch.bfloat16)
 
 
 def _merge_into_full_precision(trained, path, config: DistillConfig, trust: bool):

@@ -45,17 +45,17 @@ class TrainLog:
     resumed_from: int = 0
 
 
-def batch_for_step(blocks: torch.Tensor, step: int, micro: int, plan: TrainPlan, rank: int, world: int) -> torch.Tensor:
-    """Rows of the global batch for (step, micro-step, process): a seeded permutation per epoch."""
+def rows_for_step(blocks: int, step: int, micro: int, plan: TrainPlan, rank: int, world: int) -> torch.Tensor:
+    """Which of the `blocks` rows make up the batch of (step, micro-step, process): a seeded permutation per epoch."""
     start = (step * plan.grad_accum + micro) * plan.batch_size * world + rank * plan.batch_size
     orders: dict[int, torch.Tensor] = {}
     rows = []
     for offset in range(start, start + plan.batch_size):
-        epoch, index = divmod(offset, len(blocks))
+        epoch, index = divmod(offset, blocks)
         if epoch not in orders:
-            orders[epoch] = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(plan.seed + epoch))
+            orders[epoch] = torch.randperm(blocks, generator=torch.Generator().manual_seed(plan.seed + epoch))
         rows.append(orders[epoch][index])
-    return blocks[torch.stack(rows)]
+    return torch.stack(rows)
 
 
 def lr_lambda(plan: TrainPlan) -> Callable[[int], float]:
@@ -79,14 +79,16 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def train(
     module: torch.nn.Module,
-    loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
     blocks: torch.Tensor,
     plan: TrainPlan,
     accelerator: Accelerator,
     checkpoints: Path,
     progress=None,
 ) -> TrainLog:
-    """Optimise `module` (student plus any projections) for plan.steps optimizer steps; resume if possible."""
+    """Optimise `module` (student plus any projections) for plan.steps optimizer steps; resume if possible.
+
+    `loss_fn(module, ids, rows)` gets the batch's token ids and which rows of `blocks` they are."""
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan))
@@ -115,11 +117,12 @@ def train(
     for step in progress(steps, "distill", total=len(steps)) if progress else steps:
         total = 0.0
         for micro in range(plan.grad_accum):
-            ids = batch_for_step(blocks, step, micro, plan, rank, world).to(accelerator.device)
+            rows = rows_for_step(len(blocks), step, micro, plan, rank, world)
+            ids = blocks[rows].to(accelerator.device)
             sync = micro == plan.grad_accum - 1
             with accelerator.no_sync(module) if not sync and world > 1 else contextlib.nullcontext():
                 with accelerator.autocast():
-                    loss = loss_fn(module, ids) / plan.grad_accum
+                    loss = loss_fn(module, ids, rows) / plan.grad_accum
                 accelerator.backward(loss)
             total += loss.detach()
             log.tokens += ids.numel() * world
