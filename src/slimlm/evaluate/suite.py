@@ -8,6 +8,7 @@ so a gate after export measures the exported model, not its PyTorch parent.
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,11 +65,20 @@ class Evaluator:
         """Metrics of the artifact at `path`; agreement is measured against `teacher_dir` (none for the teacher)."""
         ev, recipe = self.recipe.evaluation, self.recipe
         metrics: dict[str, Any] = {"size_bytes": size_on_disk(path)}
+        seconds: dict[str, float] = {}  # where an evaluation's time goes, part by part
+        clock = time.perf_counter()
+
+        def lap(part: str) -> None:
+            nonlocal clock
+            seconds[part] = round(time.perf_counter() - clock, 2)
+            clock = time.perf_counter()
+
         model = self._load(path)
         if not is_exported(path):
             metrics.update(parameter_counts(model))
         tokenizer = load_tokenizer(path, trust_remote_code=recipe.trust_remote_code)
         bos = needs_bos_per_window(model.config)
+        lap("load")
         if ev.perplexity is not None:
             spec = ev.perplexity
             seq_len = spec.seq_len or recipe.data[spec.data].seq_len
@@ -88,6 +98,7 @@ class Evaluator:
             )
             metrics["perplexity"] = result["perplexity"]
             metrics["perplexity_detail"] = {"tokens": result["tokens"], "method": result["method"], "data": spec.data}
+            lap("perplexity")
         if ev.agreement is not None and teacher_dir is not None:
             from slimlm.evaluate.agreement import teacher_agreement
 
@@ -100,11 +111,13 @@ class Evaluator:
                 torch_logits(model), torch_logits(teacher), blocks, spec.batch_size, progress=track
             )
             del teacher
+            lap("agreement")
         if ev.lm_eval is not None:
             from slimlm.evaluate.tasks import run_tasks
 
             status(f"lm-eval: {', '.join(t.name for t in ev.lm_eval.tasks)}")
             metrics["tasks"] = run_tasks(model, tokenizer, ev.lm_eval, self.tasks_dir)
+            lap("lm_eval")
         context = getattr(model.config, "max_position_embeddings", None)
         del model
         gc.collect()  # the speed measurement starts a process of its own; give it the memory back first
@@ -125,4 +138,6 @@ class Evaluator:
                 status("speed: not measured (a GGUF's speed is llama.cpp's: pip install 'slimlm\\[llama]')")
             else:
                 metrics["speed"] = speed
+            lap("speed")
+        metrics["evaluation_seconds"] = seconds
         return metrics
