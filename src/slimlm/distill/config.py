@@ -22,10 +22,10 @@ class LossOptions(Strict):
         False,
         description="keep the teacher's top-k logits of each block on disk, so passes after the first skip the teacher",
     )
-    chunk: int = Field(
-        1024,
+    chunk: int | None = Field(
+        None,
         ge=1,
-        description="positions whose logits are formed at once: peak loss memory is chunk x vocabulary, not the batch's",
+        description="positions whose logits are formed at once; by default as many as make 64M logits (256 MB in fp32)",
     )
 
     @model_validator(mode="after")

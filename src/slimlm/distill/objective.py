@@ -16,6 +16,7 @@ from slimlm.distill.chunked import chunked_loss
 from slimlm.distill.config import LossOptions
 from slimlm.distill.losses import LOGIT_LOSSES, hidden_state_loss, top_k_teacher
 
+CHUNK_LOGITS = 2**26  # logits per chunk by default: 256 MB in fp32, 1,365 positions at SmolLM2's 49k vocabulary
 IGNORE = -100  # cross-entropy label of a block's last position, which has no next token in the block
 
 
@@ -82,6 +83,7 @@ class Student(torch.nn.Module):
         super().__init__()
         self.model, self.projections = model, projections
         self.loss, self.vocab, self.layers = loss, vocab, list(layers)
+        self.chunk = loss.chunk or max(1, CHUNK_LOGITS // vocab)  # positions per chunk
 
     def forward(self, ids: torch.Tensor, teacher: TeacherStates | None) -> torch.Tensor:
         out = decoder_states(self.model, ids, [s for s, _ in self.layers])
@@ -92,7 +94,7 @@ class Student(torch.nn.Module):
             labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE)], dim=1).reshape(-1)
             head = self.model.get_output_embeddings()
             chunk_fn = self._chunk_loss(teacher, labels, hidden.shape[0], int((labels != IGNORE).sum()))
-            total = total + chunked_loss(hidden, chunk_fn, self.loss.chunk, list(head.parameters()))
+            total = total + chunked_loss(hidden, chunk_fn, self.chunk, list(head.parameters()))
         if self.layers:
             pairs = [
                 (self.projections[k](out.hidden_states[s + 1]), teacher.layers[k])

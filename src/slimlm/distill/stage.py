@@ -97,7 +97,7 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
             return m(ids, TeacherStates.of(teacher, ids, teacher_layers))
         top = cache.lookup(rows)
         if top is None:
-            states = TeacherStates.top_k_of(teacher, ids, config.loss.top_k, vocab, config.loss.chunk)
+            states = TeacherStates.top_k_of(teacher, ids, config.loss.top_k, vocab, module.chunk)
             cache.store(rows, *states.top)
             return m(ids, states)
         return m(ids, TeacherStates(None, None, [], tuple(t.to(ids.device) for t in top)))
