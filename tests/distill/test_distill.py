@@ -204,17 +204,24 @@ def test_generate_needs_its_section(tiny_llama, tmp_path):
         load_recipe(path)
 
 
-def test_teacher_correction_becomes_the_teacher_of_later_stages(tiny_llama, tmp_path):
-    recipe = RECIPE.format(model=tiny_llama).replace(
-        "stages:\n",
-        (
-            "stages:\n"
-            "  - {name: correct, kind: distill, data: train, method: full, steps: 2, becomes_teacher: true,\n"
-            "     loss: {logits: none, ce_weight: 1.0}, checkpoint_every: 0}\n"
-        ),
-    )
+def _with_teacher_correction(model, tmp_path):
+    """The test recipe with a teacher correction (CE fine-tuning of the teacher) before the prune."""
     path = tmp_path / "r.yaml"
-    path.write_text(recipe)
+    path.write_text(
+        RECIPE.format(model=model).replace(
+            "stages:\n",
+            (
+                "stages:\n"
+                "  - {name: correct, kind: distill, data: train, method: full, steps: 2, becomes_teacher: true,\n"
+                "     loss: {logits: none, ce_weight: 1.0}, checkpoint_every: 0}\n"
+            ),
+        )
+    )
+    return path
+
+
+def test_teacher_correction_becomes_the_teacher_of_later_stages(tiny_llama, tmp_path):
+    path = _with_teacher_correction(tiny_llama, tmp_path)
     run_recipe(load_recipe(path), tmp_path / "run")
     corrected = json.loads((tmp_path / "run" / "01-correct" / "manifest.json").read_text())
     distilled = json.loads((tmp_path / "run" / "03-distill" / "manifest.json").read_text())
@@ -280,16 +287,7 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it(monkeypatch):
 
 def test_stages_in_different_precisions_run_in_one_process_and_the_manifest_says_which(tiny_llama, tmp_path):
     # an fp32 teacher correction, then bf16 distillation: accelerate's per-process state must not carry over
-    recipe = RECIPE.format(model=tiny_llama).replace(
-        "stages:\n",
-        (
-            "stages:\n"
-            "  - {name: correct, kind: distill, data: train, method: full, steps: 2, becomes_teacher: true,\n"
-            "     loss: {logits: none, ce_weight: 1.0}, checkpoint_every: 0}\n"
-        ),
-    )
-    path = tmp_path / "r.yaml"
-    path.write_text(recipe)
+    path = _with_teacher_correction(tiny_llama, tmp_path)
     run_recipe(load_recipe(path, ["stages.distill.mixed_precision=bf16"]), tmp_path / "run")
     corrected = json.loads((tmp_path / "run" / "01-correct" / "manifest.json").read_text())["stage_metrics"]
     distilled = json.loads((tmp_path / "run" / "03-distill" / "manifest.json").read_text())["stage_metrics"]

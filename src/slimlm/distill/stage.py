@@ -2,7 +2,8 @@
 
 Full fine-tuning, or LoRA through peft (merged into the weights at the end, so the output is a
 plain HF directory). Logit losses (forward/reverse KL, JSD), optional cross-entropy, optional
-hidden-state loss with learned projections when widths differ.
+hidden-state loss with learned projections when widths differ (objective.py), in fp32 or under
+bf16 autocast (precision.py), optionally with the teacher's top-k logits cached on disk.
 """
 
 from __future__ import annotations
