@@ -5,7 +5,8 @@
 Each measurement runs in a fresh process on a tiny Llama built from config (hidden 64, 2 layers, tied
 embeddings), so the logits dominate: the figure is the rise of the process's peak RSS from just before
 the loss to just after its backward pass. "whole batch" is the loss as the distill stage computed it
-before chunking (both models' full logits, then forward KL); "chunk N" is the stage's loss now.
+before chunking (both models' full logits, then forward KL); "chunk N" is the stage's loss now, and
+"default chunk" the stage's loss with its default chunk (as many positions as make 2^26 logits).
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ teacher, student = tiny(0).requires_grad_(False), tiny(1)
 ids = torch.randint(0, vocab, (1, tokens))
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 before = peak()
-if chunk == 0:
+if chunk == 0:  # the whole batch; chunk -1: the stage's default chunk
     s, t = student(input_ids=ids).logits, teacher(input_ids=ids).logits
     loss = forward_kl(s.reshape(-1, vocab), t.reshape(-1, vocab))
 else:
-    loss = Student(student, LossOptions(chunk=chunk), vocab)(ids, TeacherStates.of(teacher, ids, []))
+    loss = Student(student, LossOptions(chunk=chunk if chunk > 0 else None), vocab)(ids, TeacherStates.of(teacher, ids, []))
 loss.backward()
 print(json.dumps({"loss": loss.item(), "peak_rise_bytes": peak() - before}))
 """
@@ -56,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", nargs="*", type=int, default=[32_000, 128_000, 256_000])
     parser.add_argument("--tokens", type=int, default=2048, help="positions in the batch (one sequence)")
-    parser.add_argument("--chunks", nargs="*", type=int, default=[1024, 256])
+    parser.add_argument("--chunks", nargs="*", type=int, default=[-1, 256], help="positions per chunk; -1: the default")
     parser.add_argument("--out", type=Path, default=RESULTS / "kd_memory.json")
     args = parser.parse_args()
     rows = []
@@ -72,7 +73,8 @@ def main() -> None:
         print(f"vocab {vocab:,}: done", file=sys.stderr, flush=True)
     mib = 2**20
     print(f"\n## KD loss peak memory (forward + backward), {args.tokens:,} positions, fp32\n")
-    print("| vocabulary | one fp32 logits copy | whole batch | " + " | ".join(f"chunk {c}" for c in args.chunks) + " |")
+    names = [f"chunk {c}" if c > 0 else "default chunk (2^26 logits)" for c in args.chunks]
+    print("| vocabulary | one fp32 logits copy | whole batch | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(args.chunks))
     for row in rows:
         copy = row["tokens"] * row["vocab"] * 4
