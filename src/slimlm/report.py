@@ -347,7 +347,55 @@ def _plots(rows: list[StageRow]) -> dict[str, bytes]:
         ax.set_title("task accuracy per stage (dashed: chance)")
         ax.legend(fontsize="small")
         plots["tasks"] = _png(fig)
+    if any((r.manifest.config or {}).get("init") == "random" for r in rows if r.manifest) and token_series(rows):
+        plots["tokens"] = _tokens_plot(rows)
     return plots
+
+
+def token_series(rows: list[StageRow]) -> dict[str, list[tuple[int, float]]]:
+    """Held-out perplexity by training tokens of the distill stages, one series per way of making the student:
+    `prune + KD`, `random init in prune's shape + CE`; teacher corrections are left out."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        config = (r.manifest.config or {}) if r.manifest else {}
+        if r.kind != "distill" or config.get("becomes_teacher") or "perplexity" not in r.metrics:
+            continue
+        loss = config.get("loss", {})
+        kind = " + ".join(
+            [
+                *(["KD"] if loss.get("logits", "forward_kl") != "none" else []),
+                *(["CE"] if loss.get("ce_weight") else []),
+            ]
+        )
+        start = config.get("input") or "previous stage"
+        start = f"random init in {start}'s shape" if config.get("init") == "random" else start
+        series.setdefault(f"{start} + {kind}", []).append((r.metrics.get("train_tokens", 0), r.metrics["perplexity"]))
+    return {name: sorted(points) for name, points in sorted(series.items())}
+
+
+def _tokens_plot(rows: list[StageRow]) -> bytes:
+    """Was pruning worth it: the token series on log axes, the teacher's perplexity as a dotted line; drawn when
+    a stage trains from scratch."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, points in token_series(rows).items():
+        style = "--" if name.startswith("random init") else "-"  # the from-scratch baselines
+        ax.plot([t for t, _ in points], [p for _, p in points], style, marker="o", label=name)
+    for r in rows:  # the teacher, and a teacher corrected by a stage of the run
+        if r.metrics.get("perplexity") is not None and (
+            r.kind == "teacher" or (r.manifest and (r.manifest.config or {}).get("becomes_teacher"))
+        ):
+            label = "teacher" if r.kind == "teacher" else f"teacher corrected by {r.name}"
+            ax.axhline(r.metrics["perplexity"], color="k", linestyle=":" if r.kind == "teacher" else "-.", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    ax.set_title("pruned and distilled vs trained from scratch")
+    return _png(fig)
 
 
 def _mean_task_score(row: StageRow, tasks: list[tuple[str, str]]) -> float | None:

@@ -345,3 +345,55 @@ def test_lora_base_stored_in_bf16_computes_what_autocast_computes(tiny_llama):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = cast_every_call(input_ids=ids).logits, cast_once(input_ids=ids).logits
     assert torch.equal(a, b)
+
+
+def test_init_random_starts_from_fresh_seeded_weights_of_the_pruned_shape(tiny_llama, tmp_path):
+    from slimlm.distill.stage import fresh_weights
+
+    pruned_dir = tmp_path / "run" / "01-prune" / "model"
+    _run(tmp_path, tiny_llama, "run", "stages.distill.steps=2")
+    pruned = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    a, b, c = (fresh_weights(pruned, seed, trust=False) for seed in (0, 0, 1))
+    for name, weight in pruned.state_dict().items():
+        assert a.state_dict()[name].shape == weight.shape
+        torch.testing.assert_close(a.state_dict()[name], b.state_dict()[name], rtol=0, atol=0)
+        if weight.ndim == 2:  # matrices: freshly drawn, so neither the pruned ones nor another seed's
+            assert not torch.equal(a.state_dict()[name], weight), name
+            assert not torch.equal(a.state_dict()[name], c.state_dict()[name]), name
+
+
+def test_init_random_trains_resumes_and_refuses_lora(tiny_llama, tmp_path, monkeypatch):
+    scratch = ("stages.distill.init=random", "stages.distill.method=full", "evaluation.perplexity={data: train}")
+    _run(tmp_path, tiny_llama, "straight", *scratch)
+    original = train_module.save_checkpoint
+
+    def crash_after_step_4(accelerator, checkpoints, step, log):
+        original(accelerator, checkpoints, step, log)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_llama, "resumed", *scratch)
+    monkeypatch.setattr(train_module, "save_checkpoint", original)
+    _run(tmp_path, tiny_llama, "resumed", *scratch)
+    manifest = json.loads((tmp_path / "resumed" / "02-distill" / "manifest.json").read_text())
+    assert manifest["metrics"]["resumed_from_step"] == 4 and manifest["config"]["init"] == "random"
+    a = load_file(tmp_path / "straight" / "02-distill" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "02-distill" / "model" / "model.safetensors")
+    pruned = load_file(tmp_path / "straight" / "01-prune" / "model" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    # six small steps from the pruned weights stay near them; from fresh weights the model is another one
+    assert not torch.allclose(
+        a["model.layers.0.mlp.down_proj.weight"], pruned["model.layers.0.mlp.down_proj.weight"], atol=1e-2
+    )
+    # the report plots perplexity against tokens when a stage trains from scratch, and names the series
+    from slimlm.report import read_run, token_series
+
+    series = token_series(read_run(tmp_path / "straight")[1])
+    assert list(series) == ["random init in previous stage's shape + KD"] and series[next(iter(series))][0][0] > 0
+    assert "report-tokens.png" in (tmp_path / "straight" / "report.md").read_text()
+    for method in ("lora", "qlora"):
+        with pytest.raises(RecipeError, match=f"init: random trains fresh weights, and {method} on random weights"):
+            _run(tmp_path, tiny_llama, method, "stages.distill.init=random", f"stages.distill.method={method}")

@@ -71,6 +71,9 @@ class DistillConfig(StageConfig):
     kind: Literal["distill"]
     data: str = "train"
     method: Literal["full", "lora", "qlora"] = "lora"  # qlora: LoRA on a 4-bit (NF4) base, merged into full precision
+    # random: the input's shape with freshly initialised weights (the family's own init, seeded by the recipe's
+    # seed), trained on the same data and budget: the from-scratch baseline that says whether pruning was worth it
+    init: Literal["input", "random"] = "input"
     lora: LoraOptions = LoraOptions()
     loss: LossOptions = LossOptions()
     tokens: int | None = Field(None, ge=1, description="token budget (global); or give steps")
@@ -100,6 +103,11 @@ class DistillConfig(StageConfig):
     def _budget(self) -> DistillConfig:
         if (self.tokens is None) == (self.steps is None):
             raise ValueError("give exactly one budget: tokens or steps")
+        if self.init == "random" and self.method != "full":
+            raise ValueError(
+                f"init: random trains fresh weights, and {self.method} on random weights trains almost none of them: "
+                "use method: full"
+            )
         return self
 
     @property

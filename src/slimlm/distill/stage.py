@@ -48,6 +48,8 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
         if config.method == "qlora"
         else load_model(context.input_dir, dtype="float32", device="cpu", trust_remote_code=trust)
     )
+    if config.init == "random":
+        student = fresh_weights(student, context.seed, trust)
     teacher = None
     vocab = student.config.vocab_size
     if config.needs_teacher:  # cross-entropy alone (e.g. teacher correction) trains without one
@@ -150,6 +152,17 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
             "teacher_dtype": teacher_dtype if teacher is not None else None,
         },
     )
+
+
+def fresh_weights(model, seed: int, trust: bool):
+    """A model of `model`'s shape with its family's own initial weights, the same for the same seed."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):  # seeded here without moving the run's own random state
+        torch.manual_seed(seed)
+        fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32, trust_remote_code=trust)
+    fresh.generation_config = model.generation_config
+    return fresh
 
 
 def _teacher_cache(config: DistillConfig, context: StageContext, blocks: torch.Tensor, tokens: int, vocab: int):
