@@ -12,3 +12,4 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null || { tail -20 /tmp/dockerd.log; exit 1; }
 fi
 PATH="$PWD/.venv/bin:$PATH" bash docker/build-offline.sh
+docker image prune -f >/dev/null   # the images earlier CI builds left untagged, ~2 GB each
