@@ -354,8 +354,9 @@ def _plots(rows: list[StageRow]) -> dict[str, bytes]:
 
 def token_series(rows: list[StageRow]) -> dict[str, list[tuple[int, float]]]:
     """Held-out perplexity by training tokens of the distill stages, one series per way of making the student:
-    `prune + KD`, `random init in prune's shape + CE`; teacher corrections are left out."""
-    series: dict[str, list[tuple[int, float]]] = {}
+    `prune + KD`, `random init in prune's shape + CE`, with the method and learning rate named where stages of
+    one series differ in them; teacher corrections are left out."""
+    groups: dict[str, dict[tuple, list[tuple[int, float]]]] = {}
     for r in rows:
         config = (r.manifest.config or {}) if r.manifest else {}
         if r.kind != "distill" or config.get("becomes_teacher") or "perplexity" not in r.metrics:
@@ -369,8 +370,16 @@ def token_series(rows: list[StageRow]) -> dict[str, list[tuple[int, float]]]:
         )
         start = config.get("input") or "previous stage"
         start = f"random init in {start}'s shape" if config.get("init") == "random" else start
-        series.setdefault(f"{start} + {kind}", []).append((r.metrics.get("train_tokens", 0), r.metrics["perplexity"]))
-    return {name: sorted(points) for name, points in sorted(series.items())}
+        point = (r.metrics.get("train_tokens", 0), r.metrics["perplexity"])
+        groups.setdefault(f"{start} + {kind}", {}).setdefault((config.get("method"), config.get("lr")), []).append(
+            point
+        )
+    series = {}
+    for name, variants in groups.items():
+        for (method, lr), points in variants.items():
+            label = name if len(variants) == 1 else f"{name} ({method}, lr {lr:g})"
+            series[label] = sorted(points)
+    return dict(sorted(series.items()))
 
 
 def _tokens_plot(rows: list[StageRow]) -> bytes:
@@ -378,7 +387,7 @@ def _tokens_plot(rows: list[StageRow]) -> bytes:
     a stage trains from scratch."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     for name, points in token_series(rows).items():
         style = "--" if name.startswith("random init") else "-"  # the from-scratch baselines
         ax.plot([t for t, _ in points], [p for _, p in points], style, marker="o", label=name)
@@ -386,14 +395,15 @@ def _tokens_plot(rows: list[StageRow]) -> bytes:
         if r.metrics.get("perplexity") is not None and (
             r.kind == "teacher" or (r.manifest and (r.manifest.config or {}).get("becomes_teacher"))
         ):
-            label = "teacher" if r.kind == "teacher" else f"teacher corrected by {r.name}"
+            label = "teacher" if r.kind == "teacher" else f"teacher corrected ({r.name})"
             ax.axhline(r.metrics["perplexity"], color="k", linestyle=":" if r.kind == "teacher" else "-.", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # the minor ticks' labels overlap at a decade's width
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out perplexity (lower is better)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, not on them
     ax.set_title("pruned and distilled vs trained from scratch")
     return _png(fig)
 
