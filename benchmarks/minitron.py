@@ -67,12 +67,12 @@ def stories_setup() -> dict | None:
         depth_layers=3,  # of 5: 60% of the non-embedding parameters, the nearest whole-layer cut to 50%
         round_to=8,
         distill={"batch_size": 16, "lr": 3e-3, "method": "full", "checkpoint_every": 0},
-        budgets=[250_000, 500_000, 1_000_000, 2_000_000],
         matched_budgets=[500_000, 2_000_000],  # width vs depth at equal parameters
         scratch_budgets=[250_000, 500_000, 1_000_000, 2_000_000, 4_000_000, 8_000_000],
         scratch_kd_budgets=[250_000, 500_000, 1_000_000, 2_000_000],
         scratch_lr_checks=[(1_000_000, 1e-2), (1_000_000, 1e-3)],
-        methods=("full",),
+        methods={"full": [250_000, 500_000, 1_000_000, 2_000_000]},  # distill method: its budgets
+        matched_method="full",  # how the depth and width-matched arms train
     )
 
 
@@ -104,11 +104,12 @@ def smollm2_setup() -> dict:
         # full tuning of the pruned weights at 1e-3 ended worse than no training (benchmarks/distill.py); fresh
         # weights keep 1e-3
         lr={"full": 1e-4},
-        budgets=[16_384, 65_536],
         matched_budgets=[65_536],
         scratch_budgets=[],
         scratch_kd_budgets=[65_536],
-        methods=("lora", "full"),
+        # LoRA at both budgets, full tuning at the smaller one beside it; the depth arm trains as LoRA does
+        methods={"lora": [16_384, 65_536], "full": [16_384]},
+        matched_method="lora",
     )
 
 
@@ -165,12 +166,13 @@ def arm_stages(s: dict, depth: str, depth_fraction: float) -> list[dict]:
     }
     # the width cut at the depth cut's size, unless the budget is the whole model's parameters (then they match)
     stages = [] if s["width"]["target"].get("params") else [matched]
-    budgets = sorted(set(s["budgets"] + s["matched_budgets"] + s["scratch_budgets"] + s["scratch_kd_budgets"]))
+    width = [b for budgets in s["methods"].values() for b in budgets]
+    budgets = sorted(set(width + s["matched_budgets"] + s["scratch_budgets"] + s["scratch_kd_budgets"]))
     for tokens in budgets:
         t = label(tokens)
-        for method in s["methods"]:
+        for method, method_budgets in s["methods"].items():
             suffix = "" if len(s["methods"]) == 1 else f"-{method}"
-            if tokens in s["budgets"]:
+            if tokens in method_budgets:
                 stages.append(
                     {
                         **base,
@@ -189,8 +191,8 @@ def arm_stages(s: dict, depth: str, depth_fraction: float) -> list[dict]:
                 stages.append(
                     {
                         **base,
-                        "method": "full",
-                        "lr": s.get("lr", {}).get("full", base["lr"]),
+                        "method": s["matched_method"],
+                        "lr": s.get("lr", {}).get(s["matched_method"], base["lr"]),
                         "name": f"kd-{arm}-{t}",
                         "input": source,
                         "loss": kd,
