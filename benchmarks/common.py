@@ -12,6 +12,21 @@ SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def teacher_correction(**options) -> dict:
+    """The recipe stage that fine-tunes the teacher (CE, all weights) on the train split before it is pruned and
+    becomes the teacher of the stages after it (Minitron's teacher correction); `options` are distill settings."""
+    return {
+        "name": "correct",
+        "kind": "distill",
+        "data": "train",
+        "method": "full",
+        "loss": {"logits": "none", "ce_weight": 1.0},
+        "checkpoint_every": 0,
+        "becomes_teacher": True,
+        **options,
+    }
+
+
 def write_results(out: Path, payload: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))

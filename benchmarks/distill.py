@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, SHARED, write_results
+from common import RESULTS, SHARED, teacher_correction, write_results
 
 from slimlm.recipe import Recipe
 from slimlm.runner import run_recipe
@@ -71,17 +71,7 @@ def setups() -> dict[str, dict]:
 
 def recipe(name: str, s: dict, stages: list[dict], correct: bool = False) -> Recipe:
     """Prune, then `stages`; with `correct`, the teacher is first fine-tuned (CE) on the train split."""
-    correction = {
-        "name": "correct",
-        "kind": "distill",
-        "data": "train",
-        "method": "full",
-        "batch_size": s["batch_size"],
-        "loss": {"logits": "none", "ce_weight": 1.0},
-        "checkpoint_every": 0,
-        "becomes_teacher": True,
-        **s.get("correct", {}),
-    }
+    correction = teacher_correction(batch_size=s["batch_size"], **s.get("correct", {}))
     return Recipe.model_validate(
         dict(
             name=name,

@@ -33,8 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, SHARED, write_results
+from common import RESULTS, SHARED, teacher_correction, write_results
 
+from slimlm.evaluate.gates import above_chance_recovery
 from slimlm.recipe import Recipe
 from slimlm.runner import run_recipe
 
@@ -134,20 +135,7 @@ def prune_stages(s: dict) -> list[dict]:
 
 
 def first_input(s: dict) -> list[dict]:
-    if not s["correct"]:
-        return []
-    return [
-        {
-            "name": "correct",
-            "kind": "distill",
-            "data": "train",
-            "method": "full",
-            "loss": {"logits": "none", "ce_weight": 1.0},
-            "checkpoint_every": 0,
-            "becomes_teacher": True,
-            **s["correct"],
-        }
-    ]
+    return [teacher_correction(**s["correct"])] if s["correct"] else []
 
 
 def arm_stages(s: dict, depth: str, depth_fraction: float) -> list[dict]:
@@ -242,20 +230,12 @@ def run(name: str, s: dict) -> dict:
     run_recipe(recipe(f"minitron-{name}", s, head), run_dir)  # the cuts first: the depth arm takes the best one
     found = manifests(run_dir)
     depth = min(s.get("depth_methods", DEPTH_METHODS), key=lambda m: found[f"prune-depth-{m}"]["metrics"]["perplexity"])
-    teacher = Path(found["prune-width"]["teacher_path"])
-    fraction = round(found[f"prune-depth-{depth}"]["metrics"]["nonembedding_params"] / nonembedding_params(teacher), 3)
+    teacher = found["teacher"]["metrics"]["nonembedding_params"]  # a correction keeps the shape
+    fraction = round(found[f"prune-depth-{depth}"]["metrics"]["nonembedding_params"] / teacher, 3)
     run_recipe(recipe(f"minitron-{name}", s, head + arm_stages(s, depth, fraction)), run_dir)
     found = manifests(run_dir)
     shutil.copyfile(run_dir / "report-tokens.png", RESULTS / f"minitron-{name}.png")
     return summarise(name, found, depth, time.perf_counter() - t0)
-
-
-def nonembedding_params(model_dir: Path) -> int:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
 
 
 def arm_of(stage: str) -> str:
@@ -263,7 +243,7 @@ def arm_of(stage: str) -> str:
 
 
 def summarise(name: str, found: dict[str, dict], depth: str, seconds: float) -> dict:
-    teacher = next(m for m in found.values() if m["stage"] == "correct") if "correct" in found else found["teacher"]
+    teacher = found.get("correct") or found["teacher"]
     rows = []
     for stage, m in found.items():
         if m["kind"] != "distill" or stage == "correct":
@@ -318,7 +298,7 @@ def task_recovery(metrics: dict, teacher: dict) -> dict | None:
     for task, scores in tasks.items():
         ref, chance = teacher.get("tasks", {}).get(task, {}).get("acc"), scores.get("chance")
         if ref is not None and chance is not None and "acc" in scores and ref > chance:
-            out[task] = {"acc": scores["acc"], "recovery": (scores["acc"] - chance) / (ref - chance)}
+            out[task] = {"acc": scores["acc"], "recovery": above_chance_recovery(scores["acc"], ref, chance)}
     if not out:
         return None
     out["mean"] = sum(v["recovery"] for v in out.values()) / len(out)

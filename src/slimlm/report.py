@@ -347,8 +347,9 @@ def _plots(rows: list[StageRow]) -> dict[str, bytes]:
         ax.set_title("task accuracy per stage (dashed: chance)")
         ax.legend(fontsize="small")
         plots["tasks"] = _png(fig)
-    if any((r.manifest.config or {}).get("init") == "random" for r in rows if r.manifest) and token_series(rows):
-        plots["tokens"] = _tokens_plot(rows)
+    series = token_series(rows)
+    if series and any((r.manifest.config or {}).get("init") == "random" for r in rows if r.manifest):
+        plots["tokens"] = _tokens_plot(rows, series)
     return plots
 
 
@@ -382,13 +383,13 @@ def token_series(rows: list[StageRow]) -> dict[str, list[tuple[int, float]]]:
     return dict(sorted(series.items()))
 
 
-def _tokens_plot(rows: list[StageRow]) -> bytes:
+def _tokens_plot(rows: list[StageRow], series: dict[str, list[tuple[int, float]]]) -> bytes:
     """Was pruning worth it: the token series on log axes, the teacher's perplexity as a dotted line; drawn when
     a stage trains from scratch."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.5, 4.2))
-    for name, points in token_series(rows).items():
+    for name, points in series.items():
         style = "--" if name.startswith("random init") else "-"  # the from-scratch baselines
         ax.plot([t for t, _ in points], [p for _, p in points], style, marker="o", label=name)
     for r in rows:  # the teacher, and a teacher corrected by a stage of the run

@@ -348,12 +348,12 @@ def test_lora_base_stored_in_bf16_computes_what_autocast_computes(tiny_llama):
 
 
 def test_init_random_starts_from_fresh_seeded_weights_of_the_pruned_shape(tiny_llama, tmp_path):
-    from slimlm.distill.stage import fresh_weights
+    from slimlm.sources.models import fresh_model
 
     pruned_dir = tmp_path / "run" / "01-prune" / "model"
     _run(tmp_path, tiny_llama, "run", "stages.distill.steps=2")
     pruned = AutoModelForCausalLM.from_pretrained(pruned_dir)
-    a, b, c = (fresh_weights(pruned, seed, trust=False) for seed in (0, 0, 1))
+    a, b, c = (fresh_model(pruned_dir, seed=seed) for seed in (0, 0, 1))
     for name, weight in pruned.state_dict().items():
         assert a.state_dict()[name].shape == weight.shape
         torch.testing.assert_close(a.state_dict()[name], b.state_dict()[name], rtol=0, atol=0)

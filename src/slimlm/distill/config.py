@@ -103,6 +103,10 @@ class DistillConfig(StageConfig):
     def _budget(self) -> DistillConfig:
         if (self.tokens is None) == (self.steps is None):
             raise ValueError("give exactly one budget: tokens or steps")
+        return self
+
+    @model_validator(mode="after")
+    def _init_random_trains_every_weight(self) -> DistillConfig:
         if self.init == "random" and self.method != "full":
             raise ValueError(
                 f"init: random trains fresh weights, and {self.method} on random weights trains almost none of them: "

@@ -20,7 +20,7 @@ from slimlm.distill.precision import resolve_mixed_precision, resolve_teacher_dt
 from slimlm.distill.train import TrainPlan, train
 from slimlm.errors import SourceError
 from slimlm.progress import status, track
-from slimlm.sources.models import load_model, load_tokenizer, save_model
+from slimlm.sources.models import fresh_model, load_model, load_tokenizer, save_model
 from slimlm.stage import StageContext, StageResult, field_error
 
 
@@ -43,13 +43,12 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
     # held by PartialState, is kept.
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=precision, cpu=context.device == "cpu")
-    student = (
-        _load_4bit(context.input_dir, context.device, trust)
-        if config.method == "qlora"
-        else load_model(context.input_dir, dtype="float32", device="cpu", trust_remote_code=trust)
-    )
-    if config.init == "random":
-        student = fresh_weights(student, context.seed, trust)
+    if config.init == "random":  # the from-scratch baseline: the input's shape, not its weights
+        student = fresh_model(context.input_dir, seed=context.seed, trust_remote_code=trust)
+    elif config.method == "qlora":
+        student = _load_4bit(context.input_dir, context.device, trust)
+    else:
+        student = load_model(context.input_dir, dtype="float32", device="cpu", trust_remote_code=trust)
     teacher = None
     vocab = student.config.vocab_size
     if config.needs_teacher:  # cross-entropy alone (e.g. teacher correction) trains without one
@@ -152,17 +151,6 @@ def run(config: DistillConfig, context: StageContext) -> StageResult:
             "teacher_dtype": teacher_dtype if teacher is not None else None,
         },
     )
-
-
-def fresh_weights(model, seed: int, trust: bool):
-    """A model of `model`'s shape with its family's own initial weights, the same for the same seed."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.random.fork_rng(devices=[]):  # seeded here without moving the run's own random state
-        torch.manual_seed(seed)
-        fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32, trust_remote_code=trust)
-    fresh.generation_config = model.generation_config
-    return fresh
 
 
 def _teacher_cache(config: DistillConfig, context: StageContext, blocks: torch.Tensor, tokens: int, vocab: int):

@@ -7,6 +7,11 @@ from slimlm.manifest import GateVerdict
 from slimlm.stage import Gate
 
 
+def above_chance_recovery(value: float, reference: float, chance: float) -> float:
+    """How much of the reference's margin over chance a score keeps: (value - chance) / (reference - chance)."""
+    return (value - chance) / (reference - chance)
+
+
 def check_gate(gate: Gate, metrics: dict, teacher: dict, previous: dict) -> GateVerdict:
     """One verdict: the measured value, every bound it was held to, and whether it passed."""
     value = metric_value(metrics, gate.metric)
@@ -27,7 +32,7 @@ def check_gate(gate: Gate, metrics: dict, teacher: dict, previous: dict) -> Gate
             if gate.max_ratio is not None:
                 bounds.append(("<=", chance + gate.max_ratio * (reference - chance)))
             if gate.above_chance and value is not None and reference != chance:
-                recovery = (value - chance) / (reference - chance)
+                recovery = above_chance_recovery(value, reference, chance)
     measurable = value is not None and (gate.relative_to is None or reference is not None)
     passed = measurable and all(value >= b if op == ">=" else value <= b for op, b in bounds)
     return GateVerdict(

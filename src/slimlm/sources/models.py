@@ -237,13 +237,12 @@ def download_from_hub(repo_id: str, *, allow_pickle: bool = False, status=print)
     return check_model_dir(path, allow_pickle=allow_pickle)
 
 
-def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """Load a causal LM from a local directory with plain transformers."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_config(path: Path, *, trust_remote_code: bool = False):
+    """A local model directory's config, or one clear error (remote code that the recipe does not trust, say)."""
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as e:
         if "trust_remote_code" in str(e):
             raise SourceError(
@@ -251,6 +250,29 @@ def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu", trust
                 "in the recipe only if you trust its authors"
             ) from e
         raise SourceError(f"cannot read the config in {path}: {str(e).splitlines()[0][:300]}") from e
+
+
+def fresh_model(path: Path, *, seed: int, trust_remote_code: bool = False):
+    """A causal LM of the shape in `path`'s config with its family's own initial weights (the same for the same
+    seed), in fp32; `path`'s weights are never read."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    with torch.random.fork_rng(devices=[]):  # seeded here without moving the caller's random state
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
+def load_model(path: Path, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """Load a causal LM from a local directory with plain transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(path, trust_remote_code=trust_remote_code)
     has_safetensors = any(p.suffix == ".safetensors" for p in Path(path).iterdir())
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
